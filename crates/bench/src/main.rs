@@ -1,0 +1,384 @@
+//! chorus-bench command line. See `chorus-bench --help`.
+
+use chorus_bench::Common;
+use chorus_bench::conn::Target;
+use chorus_bench::fanout::{self, FanoutOpts};
+use chorus_bench::idle::{self, IdleOpts, WorkerOpts};
+use chorus_bench::report::{self, Report};
+use chorus_bench::rpc::{self, RpcOpts};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "\
+chorus-bench: load generator for the Chorus JSON-RPC WebSocket server
+
+USAGE:
+  chorus-bench <idle|fanout|rpc|cluster> [OPTIONS]
+  chorus-bench report [--baseline LABEL] FILE_OR_DIR...   (Markdown from --json results)
+
+COMMON OPTIONS:
+  --url URL             target, ws://host:port/path on loopback only; repeat or
+                        comma-separate for replicas   [ws://127.0.0.1:8080/ws]
+  --label NAME          name of the target in the report            [chorus]
+  --no-hello            do not wait for sys.connected after the upgrade
+                        (for peers that cannot send it, e.g. jsonrpsee)
+  --json                print the JSON document instead of the table
+  --out FILE            also write the JSON document to FILE
+  --quiet               no progress bar or status lines on stderr
+  --concurrency N       connections being opened at once            [256]
+  --connect-timeout S   bound on one connect + upgrade + hello      [15]
+  --timeout S           hard bound on the whole run (exit 3)        [600]
+
+idle:     --conns N (19000 x replicas)  --replicas R  --server-pid PID (repeat)
+          --per-worker N (10000, one process per N connections)  --hold S (2)
+fanout:   --subs N (10000)  --messages M (200)  --rate PER_S (50, 0 = flat out)
+          --payload BYTES (64)  --channel NAME  --warmup S (15)  --drain S (3)
+rpc:      --conns K (100)  --depth D (10)  --requests N per conn (2000)
+          --duration S (10)  --payload BYTES (32)
+cluster:  needs 2+ URLs; publisher on the first; --subs-per-replica N (1000)
+          --messages M (5000)  --rate PER_S (1000)  and the fanout options
+";
+
+#[derive(Debug, Default)]
+struct Args {
+    cmd: String,
+    urls: Vec<String>,
+    label: Option<String>,
+    no_hello: bool,
+    json: bool,
+    out: Option<PathBuf>,
+    quiet: bool,
+    concurrency: Option<usize>,
+    connect_timeout: Option<f64>,
+    timeout: Option<f64>,
+    // idle
+    conns: Option<usize>,
+    replicas: Option<usize>,
+    server_pids: Vec<u32>,
+    per_worker: Option<usize>,
+    hold: Option<f64>,
+    index_base: usize,
+    // fanout / cluster
+    subs: Option<usize>,
+    subs_per_replica: Option<usize>,
+    messages: Option<u64>,
+    rate: Option<f64>,
+    payload: Option<usize>,
+    channel: Option<String>,
+    warmup: Option<f64>,
+    drain: Option<f64>,
+    // rpc
+    depth: Option<usize>,
+    requests: Option<u64>,
+    duration: Option<f64>,
+    // report
+    baseline: Option<String>,
+    files: Vec<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut a = Args::default();
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('h') | Long("help") => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            Long("url") => {
+                let v: String = p.value()?.parse()?;
+                a.urls
+                    .extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+            }
+            Long("label") => a.label = Some(p.value()?.parse()?),
+            Long("no-hello") => a.no_hello = true,
+            Long("json") => a.json = true,
+            Long("out") => a.out = Some(p.value()?.parse()?),
+            Long("quiet") => a.quiet = true,
+            Long("concurrency") => a.concurrency = Some(p.value()?.parse()?),
+            Long("connect-timeout") => a.connect_timeout = Some(p.value()?.parse()?),
+            Long("timeout") => a.timeout = Some(p.value()?.parse()?),
+            Long("conns") => a.conns = Some(p.value()?.parse()?),
+            Long("replicas") => a.replicas = Some(p.value()?.parse()?),
+            Long("server-pid") => {
+                let v: String = p.value()?.parse()?;
+                for s in v.split(',').filter(|s| !s.is_empty()) {
+                    a.server_pids.push(
+                        s.parse()
+                            .map_err(|e| lexopt::Error::from(format!("--server-pid {s}: {e}")))?,
+                    );
+                }
+            }
+            Long("per-worker") => a.per_worker = Some(p.value()?.parse()?),
+            Long("hold") => a.hold = Some(p.value()?.parse()?),
+            Long("index-base") => a.index_base = p.value()?.parse()?,
+            Long("subs") => a.subs = Some(p.value()?.parse()?),
+            Long("subs-per-replica") => a.subs_per_replica = Some(p.value()?.parse()?),
+            Long("messages") => a.messages = Some(p.value()?.parse()?),
+            Long("rate") => a.rate = Some(p.value()?.parse()?),
+            Long("payload") => a.payload = Some(p.value()?.parse()?),
+            Long("channel") => a.channel = Some(p.value()?.parse()?),
+            Long("warmup") => a.warmup = Some(p.value()?.parse()?),
+            Long("drain") => a.drain = Some(p.value()?.parse()?),
+            Long("depth") => a.depth = Some(p.value()?.parse()?),
+            Long("requests") => a.requests = Some(p.value()?.parse()?),
+            Long("duration") => a.duration = Some(p.value()?.parse()?),
+            Long("baseline") => a.baseline = Some(p.value()?.parse()?),
+            Value(v) if a.cmd.is_empty() => a.cmd = v.string()?,
+            Value(v) if a.cmd == "report" => a.files.push(v.into()),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(a)
+}
+
+fn secs(v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|e| format!("bad duration {v}: {e}"))
+}
+
+fn common(a: &Args) -> Result<Common, String> {
+    let urls = if a.urls.is_empty() {
+        vec!["ws://127.0.0.1:8080/ws".to_string()]
+    } else {
+        a.urls.clone()
+    };
+    let targets = urls
+        .iter()
+        .map(|u| Target::parse(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut c = Common::new(targets);
+    if let Some(l) = &a.label {
+        c.label = l.clone();
+    }
+    c.hello = !a.no_hello;
+    c.progress = !a.quiet && !a.cmd.ends_with("-worker");
+    if let Some(n) = a.concurrency {
+        c.concurrency = n.max(1);
+    }
+    if let Some(s) = a.connect_timeout {
+        c.connect_timeout = secs(s)?;
+    }
+    Ok(c)
+}
+
+async fn run(a: &Args, c: &Common) -> Result<Report, String> {
+    match a.cmd.as_str() {
+        "idle" => {
+            let replicas = a.replicas.unwrap_or(c.urls.len());
+            if replicas != c.urls.len() {
+                return Err(format!(
+                    "--replicas {replicas} needs {replicas} URLs, got {}",
+                    c.urls.len()
+                ));
+            }
+            if !a.server_pids.is_empty() && a.server_pids.len() != c.urls.len() {
+                eprintln!(
+                    "note: {} server pids for {} URLs; RSS is summed over the pids",
+                    a.server_pids.len(),
+                    c.urls.len()
+                );
+            }
+            let mut o = IdleOpts {
+                conns: 19_000 * replicas,
+                server_pids: a.server_pids.clone(),
+                ..IdleOpts::default()
+            };
+            if let Some(n) = a.conns {
+                o.conns = n;
+            }
+            if let Some(n) = a.per_worker {
+                o.per_worker = n.clamp(1, 19_000);
+            }
+            if let Some(h) = a.hold {
+                o.hold = secs(h)?;
+            }
+            Ok(idle::run(c, &o).await)
+        }
+        "fanout" | "cluster" => {
+            let cluster = a.cmd == "cluster";
+            if cluster && c.urls.len() < 2 {
+                return Err(
+                    "cluster needs at least two --url (replicas); the publisher uses the first"
+                        .into(),
+                );
+            }
+            let n = c.urls.len();
+            let per_url: Vec<usize> = if let Some(per) = a.subs_per_replica {
+                vec![per; n]
+            } else {
+                let total = a.subs.unwrap_or(if cluster { 1000 * n } else { 10_000 });
+                (0..n)
+                    .map(|i| total / n + usize::from(i < total % n))
+                    .collect()
+            };
+            let mut o = FanoutOpts::new(per_url);
+            if cluster {
+                o.messages = 5_000;
+                o.rate = 1_000.0;
+                o.channel = "bench:cluster".into();
+            }
+            if let Some(m) = a.messages {
+                o.messages = m;
+            }
+            if let Some(r) = a.rate {
+                o.rate = r.max(0.0);
+            }
+            if let Some(p) = a.payload {
+                o.payload = p;
+            }
+            if let Some(ch) = &a.channel {
+                o.channel = ch.clone();
+            }
+            if let Some(w) = a.warmup {
+                o.warmup = secs(w)?;
+            }
+            if let Some(d) = a.drain {
+                o.drain = secs(d)?;
+            }
+            Ok(fanout::run(&a.cmd, c, &o).await)
+        }
+        "rpc" => {
+            let mut o = RpcOpts::default();
+            if let Some(k) = a.conns {
+                o.conns = k;
+            }
+            if let Some(d) = a.depth {
+                o.depth = d.max(1);
+            }
+            if let Some(r) = a.requests {
+                o.requests = r;
+            }
+            if let Some(d) = a.duration {
+                o.duration = secs(d)?;
+            }
+            if let Some(p) = a.payload {
+                o.payload = p;
+            }
+            Ok(rpc::run(c, &o).await)
+        }
+        other => Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
+    }
+}
+
+fn report_cmd(a: &Args) -> Result<String, String> {
+    let mut docs = Vec::new();
+    let mut files = Vec::new();
+    for p in &a.files {
+        if p.is_dir() {
+            collect_json(p, &mut files).map_err(|e| format!("{}: {e}", p.display()))?;
+        } else {
+            files.push(p.clone());
+        }
+    }
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => docs.push(v),
+            Err(e) => eprintln!("skipping {}: {e}", f.display()),
+        }
+    }
+    Ok(report::markdown(
+        &docs,
+        a.baseline.as_deref().unwrap_or("chorus"),
+    ))
+}
+
+fn collect_json(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            collect_json(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "json") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let a = match parse_args() {
+        Ok(a) if !a.cmd.is_empty() => a,
+        Ok(_) => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("chorus-bench: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if a.cmd == "report" {
+        return match report_cmd(&a) {
+            Ok(md) => {
+                print!("{md}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("chorus-bench report: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let c = match common(&a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chorus-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let hard = match a.timeout.map(secs).transpose() {
+        Ok(t) => t.unwrap_or(Duration::from_secs(600)),
+        Err(e) => {
+            eprintln!("chorus-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if a.cmd == "idle-worker" {
+        let o = WorkerOpts {
+            target: c.urls[0].clone(),
+            conns: a.conns.unwrap_or(0),
+            index_base: a.index_base,
+        };
+        return match idle::worker(&c, &o, hard).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
+    let report = match tokio::time::timeout(hard, run(&a, &c)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("chorus-bench: {e}");
+            return ExitCode::from(2);
+        }
+        Err(_) => {
+            eprintln!("chorus-bench: {} did not finish within {hard:?}", a.cmd);
+            return ExitCode::from(3);
+        }
+    };
+    let json = report.to_json();
+    let pretty = serde_json::to_string_pretty(&json).unwrap_or_default();
+    if let Some(out) = &a.out
+        && let Err(e) = std::fs::write(out, format!("{pretty}\n"))
+    {
+        eprintln!("chorus-bench: writing {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    if a.json {
+        println!("{pretty}");
+    } else {
+        print!("{}", report.to_table());
+    }
+    // Nothing got through at all: make it visible to scripts.
+    let worked = ["connections_ok", "subscribers"]
+        .iter()
+        .any(|k| report.get(k).is_some_and(|v| v > 0.0));
+    if worked {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,356 @@
+//! The registry of connected clients and the channel index, sharded so that many
+//! connection tasks use them at once without one global lock.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::client::{ClientHandle, ClientId, CloseReason, Identity, Outbox};
+use crate::frame::Frame;
+
+/// Shards per index: enough that two cores rarely meet on one lock.
+const SHARDS: usize = 32;
+
+/// Things the hub notices that the server wants to count. Methods must not block.
+pub trait HubEvents: Send + Sync + 'static {
+    /// A client overflowed its queue and is being disconnected.
+    fn slow_consumer(&self, _client: ClientId) {}
+}
+
+/// [`HubEvents`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoEvents;
+impl HubEvents for NoEvents {}
+
+/// The result of [`Hub::subscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubscribeOutcome {
+    /// False when the client was already subscribed.
+    pub added: bool,
+    /// True when this is the channel's first subscriber on this node.
+    pub first_on_node: bool,
+}
+
+/// The result of [`Hub::unsubscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnsubscribeOutcome {
+    /// False when the client was not subscribed.
+    pub removed: bool,
+    /// True when the channel has no subscriber left on this node.
+    pub last_on_node: bool,
+}
+
+type Subscribers = HashMap<ClientId, ClientHandle>;
+/// One shard of the channel index: channel name to its local subscribers.
+type ChannelShard = RwLock<HashMap<Arc<str>, Subscribers>>;
+
+/// Connected clients and their channel subscriptions.
+pub struct Hub {
+    clients: Box<[RwLock<Subscribers>]>,
+    channels: Box<[ChannelShard]>,
+    next_id: AtomicU64,
+    connected: AtomicUsize,
+    queue_len: usize,
+    events: Arc<dyn HubEvents>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("clients", &self.len())
+            .field("queue_len", &self.queue_len)
+            .finish()
+    }
+}
+
+impl Hub {
+    /// `queue_len` is every client's outbound queue capacity (`WS_SEND_BUFFER`).
+    pub fn new(queue_len: usize, events: Arc<dyn HubEvents>) -> Self {
+        Self {
+            clients: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            channels: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            next_id: AtomicU64::new(1),
+            connected: AtomicUsize::new(0),
+            queue_len,
+            events,
+        }
+    }
+
+    /// Creates a client with its outbound queue, not yet visible to fan-out. Queue
+    /// what must arrive first (e.g. a greeting), then call [`Hub::register`].
+    pub fn create_client(&self, identity: Identity) -> (ClientHandle, Outbox) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        ClientHandle::new(id, identity, self.queue_len, Arc::clone(&self.events))
+    }
+
+    /// Makes the client reachable by broadcasts.
+    pub fn register(&self, client: &ClientHandle) {
+        let mut shard = write(&self.clients[client_shard(client.id())]);
+        if shard.insert(client.id(), client.clone()).is_none() {
+            self.connected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes the client and all its subscriptions. Returns the channels that lost
+    /// their last subscriber on this node.
+    pub fn remove(&self, client: &ClientHandle) -> Vec<Arc<str>> {
+        if write(&self.clients[client_shard(client.id())])
+            .remove(&client.id())
+            .is_some()
+        {
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        let channels: Vec<Arc<str>> = client.channels().drain().collect();
+        channels
+            .into_iter()
+            .filter(|channel| self.remove_subscriber(channel, client.id()))
+            .collect()
+    }
+
+    /// Number of registered clients.
+    pub fn len(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues `frame` for every registered client. Returns how many accepted it.
+    pub fn broadcast(&self, frame: &Frame) -> usize {
+        let mut delivered = 0;
+        for shard in self.clients.iter() {
+            for client in read(shard).values() {
+                delivered += usize::from(client.send(frame.clone()).is_ok());
+            }
+        }
+        delivered
+    }
+
+    /// Queues `frame` for every subscriber of `channel` on this node.
+    pub fn publish(&self, channel: &str, frame: &Frame) -> usize {
+        let shard = read(&self.channels[channel_shard(channel)]);
+        shard.get(channel).map_or(0, |subscribers| {
+            subscribers
+                .values()
+                .filter(|client| client.send(frame.clone()).is_ok())
+                .count()
+        })
+    }
+
+    pub fn subscribe(&self, client: &ClientHandle, channel: &str) -> SubscribeOutcome {
+        // Lock order everywhere: the client's own set, then the channel shard.
+        let mut own = client.channels();
+        if own.contains(channel) {
+            return SubscribeOutcome {
+                added: false,
+                first_on_node: false,
+            };
+        }
+        let mut shard = write(&self.channels[channel_shard(channel)]);
+        // Reuse the index's key so every subscriber set shares one allocation per name.
+        let (key, first_on_node) = match shard.get_key_value(channel) {
+            Some((key, _)) => (Arc::clone(key), false),
+            None => (Arc::from(channel), true),
+        };
+        shard
+            .entry(Arc::clone(&key))
+            .or_default()
+            .insert(client.id(), client.clone());
+        own.insert(key);
+        SubscribeOutcome {
+            added: true,
+            first_on_node,
+        }
+    }
+
+    pub fn unsubscribe(&self, client: &ClientHandle, channel: &str) -> UnsubscribeOutcome {
+        let mut own = client.channels();
+        if !own.remove(channel) {
+            return UnsubscribeOutcome {
+                removed: false,
+                last_on_node: false,
+            };
+        }
+        let last_on_node = self.remove_subscriber(channel, client.id());
+        drop(own);
+        UnsubscribeOutcome {
+            removed: true,
+            last_on_node,
+        }
+    }
+
+    /// Whether any client on this node is subscribed to `channel`.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        read(&self.channels[channel_shard(channel)]).contains_key(channel)
+    }
+
+    /// Number of subscribers of `channel` on this node.
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        read(&self.channels[channel_shard(channel)])
+            .get(channel)
+            .map_or(0, HashMap::len)
+    }
+
+    /// Calls `f` for every registered client, e.g. to say goodbye at shutdown.
+    pub fn for_each_client(&self, mut f: impl FnMut(&ClientHandle)) {
+        for shard in self.clients.iter() {
+            for client in read(shard).values() {
+                f(client);
+            }
+        }
+    }
+
+    /// Asks every registered client to close.
+    pub fn close_all(&self, reason: CloseReason) {
+        self.for_each_client(|client| {
+            client.close(reason);
+        });
+    }
+
+    /// Returns true when the channel lost its last subscriber.
+    fn remove_subscriber(&self, channel: &str, id: ClientId) -> bool {
+        let mut shard = write(&self.channels[channel_shard(channel)]);
+        match shard.get_mut(channel) {
+            Some(subscribers) => {
+                subscribers.remove(&id);
+                if subscribers.is_empty() {
+                    shard.remove(channel);
+                    true
+                } else {
+                    false
+                }
+            }
+            None => false,
+        }
+    }
+}
+
+#[allow(clippy::cast_possible_truncation)]
+fn client_shard(id: ClientId) -> usize {
+    (id as usize) % SHARDS
+}
+
+#[allow(clippy::cast_possible_truncation)]
+fn channel_shard(channel: &str) -> usize {
+    let mut hasher = DefaultHasher::new();
+    channel.hash(&mut hasher);
+    (hasher.finish() as usize) % SHARDS
+}
+
+// A panic while holding a shard lock leaves the maps consistent (every mutation is a
+// single insert or remove), so poisoning is not a reason to stop serving.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Outgoing;
+
+    fn hub(queue: usize) -> Hub {
+        Hub::new(queue, Arc::new(NoEvents))
+    }
+
+    fn connect(hub: &Hub) -> (ClientHandle, Outbox) {
+        let (client, outbox) = hub.create_client(Identity::default());
+        hub.register(&client);
+        (client, outbox)
+    }
+
+    #[tokio::test]
+    async fn broadcast_shares_one_frame_with_every_client() {
+        let hub = hub(8);
+        let mut clients: Vec<_> = (0..5).map(|_| connect(&hub)).collect();
+        let frame = Frame::from(String::from("hello"));
+        assert_eq!(hub.broadcast(&frame), 5);
+        for (_, outbox) in &mut clients {
+            match outbox.next().await {
+                Outgoing::Frame(got) => {
+                    assert_eq!(got, frame);
+                    assert_eq!(got.as_bytes().as_ptr(), frame.as_bytes().as_ptr());
+                }
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn publish_reaches_subscribers_only() {
+        let hub = hub(8);
+        let (a, mut a_out) = connect(&hub);
+        let (_b, mut b_out) = connect(&hub);
+        assert_eq!(
+            hub.subscribe(&a, "items:1"),
+            SubscribeOutcome {
+                added: true,
+                first_on_node: true
+            }
+        );
+        assert!(!hub.subscribe(&a, "items:1").added);
+        assert_eq!(hub.publish("items:1", &Frame::from_static("x")), 1);
+        assert_eq!(a_out.next().await, Outgoing::Frame(Frame::from_static("x")));
+        assert_eq!(b_out.try_next(), None);
+    }
+
+    #[test]
+    fn first_and_last_subscriber_are_reported() {
+        let hub = hub(8);
+        let (a, _a_out) = connect(&hub);
+        let (b, _b_out) = connect(&hub);
+        assert!(hub.subscribe(&a, "c").first_on_node);
+        assert!(!hub.subscribe(&b, "c").first_on_node);
+        assert!(!hub.unsubscribe(&a, "c").last_on_node);
+        assert!(!hub.unsubscribe(&a, "c").removed);
+        assert_eq!(hub.remove(&b), vec![Arc::<str>::from("c")]);
+        assert!(!hub.has_subscribers("c"));
+        assert_eq!(hub.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_only_that_client() {
+        struct Count(AtomicUsize);
+        impl HubEvents for Count {
+            fn slow_consumer(&self, _: ClientId) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let events = Arc::new(Count(AtomicUsize::new(0)));
+        let hub = Hub::new(2, events.clone());
+        let (slow, mut slow_out) = connect(&hub);
+        let (_fast, mut fast_out) = connect(&hub);
+        for i in 0..3 {
+            hub.broadcast(&Frame::from(i.to_string()));
+            assert!(matches!(fast_out.next().await, Outgoing::Frame(_)));
+        }
+        assert_eq!(slow.closing(), Some(CloseReason::SlowConsumer));
+        assert_eq!(
+            slow_out.next().await,
+            Outgoing::Close(CloseReason::SlowConsumer)
+        );
+        assert_eq!(events.0.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_flushes_queued_frames_before_closing() {
+        let hub = hub(4);
+        let (client, mut outbox) = connect(&hub);
+        client
+            .send(Frame::from_static("bye"))
+            .expect("queue has room");
+        hub.close_all(CloseReason::Shutdown);
+        assert_eq!(
+            outbox.next().await,
+            Outgoing::Frame(Frame::from_static("bye"))
+        );
+        assert_eq!(outbox.next().await, Outgoing::Close(CloseReason::Shutdown));
+    }
+}

@@ -1,0 +1,158 @@
+//! The cluster backbone: the [`Backbone`] trait every adapter implements, the
+//! [`Envelope`] that crosses it, the recent-id set that drops duplicates, and the
+//! adapters themselves (`local` for one process, `redis` and `nats` for a cluster).
+//!
+//! Adapters move opaque bytes on named topics. Everything Chorus-specific (which
+//! topic a channel maps to, what to do with a message) lives in the server.
+
+pub mod dedup;
+pub mod envelope;
+pub mod local;
+pub mod nats;
+pub mod redis;
+
+use bytes::Bytes;
+
+pub use dedup::RecentIds;
+pub use envelope::{Envelope, EnvelopeError, Kind, MessageId, MessageIds, now_ms};
+
+/// Why a backbone operation did not happen.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PubsubError {
+    #[error("the {0} backbone is disconnected")]
+    Disconnected(&'static str),
+    #[error("the {0} backbone's outbound queue is full")]
+    Backlogged(&'static str),
+    #[error("the {0} backbone has stopped")]
+    Stopped(&'static str),
+    /// The backbone address cannot be used; the text names it (password hidden) and says
+    /// what was expected.
+    #[error("invalid backbone URL {0}")]
+    InvalidUrl(String),
+}
+
+/// One message received from the backbone, still encoded.
+pub type Incoming = Bytes;
+
+/// A shared message bus between replicas.
+///
+/// Every method returns at once: publishing and (un)subscribing enqueue work for the
+/// adapter's own task, so a slow or absent backbone never stalls a client. Received
+/// messages arrive on the channel handed to the adapter when it was created, for
+/// every subscribed topic, including the ones this replica published itself.
+pub trait Backbone: Send + Sync + 'static {
+    /// The adapter's name, used in metrics and `/health`.
+    fn adapter(&self) -> &'static str;
+
+    /// Whether the adapter currently holds a working connection.
+    fn is_connected(&self) -> bool;
+
+    /// Queues `payload` for `topic`.
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PubsubError>;
+
+    /// Starts receiving `topic`. Idempotent, and kept across reconnects.
+    fn subscribe(&self, topic: &str) -> Result<(), PubsubError>;
+
+    /// Stops receiving `topic`. Idempotent.
+    fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError>;
+}
+
+/// A URL (or a comma-separated list of them) as it may appear in logs and error
+/// messages: any password or token replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(redact_one_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                // A lone userinfo is a token (NATS), as secret as a password.
+                format!("{scheme}://***@{host}{tail}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Says when a noisy event (a lagging receiver, a slow consumer) should be logged again,
+/// so that a storm of them yields one line per interval carrying a count, not one each.
+pub(crate) struct Throttle {
+    start: std::time::Instant,
+    next_ms: std::sync::atomic::AtomicU64,
+    pending: std::sync::atomic::AtomicU64,
+    every_ms: u64,
+}
+
+impl Throttle {
+    pub(crate) fn new(every: std::time::Duration) -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            pending: std::sync::atomic::AtomicU64::new(0),
+            every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Counts `n` occurrences; returns how many happened since the last log line when it
+    /// is time for another one.
+    pub(crate) fn record(&self, n: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.pending.fetch_add(n, Relaxed);
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Relaxed);
+        if now < next {
+            return None;
+        }
+        self.next_ms
+            .compare_exchange(next, now.saturating_add(self.every_ms), Relaxed, Relaxed)
+            .ok()
+            .map(|_| self.pending.swap(0, Relaxed))
+    }
+}
+
+/// Aborts a task when dropped, so an adapter's background work ends with the adapter.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_tokens_are_hidden() {
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("redis://u:p@ss@h/1"), "redis://u:***@h/1");
+        assert_eq!(redact_url("nats://tok@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("nats://u:a@h1,nats://u:b@h2"),
+            "nats://u:***@h1,nats://u:***@h2"
+        );
+    }
+
+    #[test]
+    fn a_storm_is_logged_once_per_interval_with_its_count() {
+        let throttle = Throttle::new(std::time::Duration::from_secs(3600));
+        assert_eq!(throttle.record(1), Some(1), "the first one is logged");
+        assert_eq!(throttle.record(5), None);
+        assert_eq!(throttle.record(2), None);
+    }
+}

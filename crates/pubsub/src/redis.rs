@@ -1,0 +1,536 @@
+//! The Redis backbone: topics are Redis pub/sub channels, reached with `fred` over two
+//! connections that reconnect forever, one that PUBLISHes and one that SUBSCRIBEs.
+//!
+//! Redis channel names are binary safe, so topics are used as they are.
+//!
+//! Work is done by the adapter's own tasks, fed by bounded queues:
+//! - the publisher task sends queued publications as one pipeline per batch, and waits
+//!   for a batch before sending the next, so one topic's messages leave in order;
+//! - the subscription task applies (un)subscriptions in the order they were asked for,
+//!   keeps the set of topics the adapter should hold, and subscribes to all of it again
+//!   after every (re)connection;
+//! - the receiver task hands every message to the `incoming` channel, waiting when it is
+//!   full;
+//! - the heartbeat task pings both connections, so that a peer that vanished without
+//!   closing the socket is noticed (fred's unresponsive check then reconnects).
+//!
+//! fred's `SubscriberClient::manage_subscriptions` is deliberately not used: it only
+//! re-subscribes channels whose SUBSCRIBE succeeded, so a topic subscribed while the
+//! backbone was down would be forgotten, and its resubscription races with an
+//! UNSUBSCRIBE issued around a reconnect. The subscription task owns that state instead.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::SubscriberClient;
+use fred::prelude::{
+    Builder, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, Value,
+};
+use fred::types::{Message, RespVersion};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::{AbortOnDrop, Backbone, Incoming, PubsubError, Throttle, redact_url};
+
+const NAME: &str = "redis";
+
+/// Publications waiting for the publisher task; more are refused as `Backlogged`.
+const PUBLISH_QUEUE: usize = 8192;
+/// (Un)subscriptions waiting for the subscription task.
+const SUBSCRIPTION_QUEUE: usize = 4096;
+/// Most publications sent in one pipeline.
+const MAX_BATCH: usize = 256;
+/// Most channels named in one SUBSCRIBE or UNSUBSCRIBE.
+const MAX_CHANNELS_PER_COMMAND: usize = 512;
+/// Messages fred buffers between the subscriber socket and the receiver task. fred
+/// allocates every broadcast channel of a client at this size, so it is a compromise
+/// between surviving a burst and memory (a few MB).
+const SUBSCRIBER_BROADCAST_CAPACITY: usize = 4096;
+/// Reconnect backoff: 100 ms doubling up to 1 s, forever.
+const RECONNECT_MIN_MS: u32 = 100;
+const RECONNECT_MAX_MS: u32 = 1000;
+/// How long a TCP connect (and the handshake commands after it) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long any command may wait for its reply.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often both connections are pinged, and how long an unanswered command may wait
+/// before fred drops the connection as unresponsive.
+const HEARTBEAT: Duration = Duration::from_secs(3);
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
+/// How often a subscription state that failed to apply is tried again.
+const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// How often a repeated warning (lag, lost publications) is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+enum SubscriptionOp {
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+/// Counters of what the adapter had to give up on.
+#[derive(Default)]
+struct Losses {
+    /// Received messages fred dropped because the receiver task fell behind.
+    received: AtomicU64,
+    /// Accepted publications that never reached Redis (connection lost or command failed).
+    published: AtomicU64,
+}
+
+/// A replica's connection to a Redis server used as the cluster backbone.
+pub struct RedisBackbone {
+    publisher: fred::clients::Client,
+    subscriber: SubscriberClient,
+    publications: mpsc::Sender<(String, Bytes)>,
+    subscriptions: mpsc::Sender<SubscriptionOp>,
+    losses: Arc<Losses>,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl std::fmt::Debug for RedisBackbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackbone")
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks that `url` is a Redis address this adapter can use (`redis://[user:pass@]host[:port][/db]`),
+/// without connecting.
+pub fn validate_url(url: &str) -> Result<(), PubsubError> {
+    parse_config(url).map(|_| ())
+}
+
+fn parse_config(url: &str) -> Result<Config, PubsubError> {
+    let invalid = |why: &str| PubsubError::InvalidUrl(format!("{}: {why}", redact_url(url)));
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .ok_or_else(|| invalid("expected redis://host:port"))?;
+    match scheme.as_str() {
+        "redis" | "valkey" => {}
+        // Without a TLS feature fred would warn and then talk plain text to a TLS port.
+        "rediss" | "valkeys" => return Err(invalid("TLS is not supported by this build")),
+        _ => return Err(invalid("expected the redis:// scheme (a single server)")),
+    }
+    Config::from_url_centralized(url).map_err(|error| invalid(error.details()))
+}
+
+impl RedisBackbone {
+    /// Starts connecting to the Redis server at `url` and returns at once; messages on
+    /// subscribed topics go to `incoming`.
+    ///
+    /// Fails only for a malformed URL. A server that is down is retried forever: the
+    /// adapter reports itself disconnected until it gets through.
+    pub async fn connect(url: &str, incoming: mpsc::Sender<Incoming>) -> Result<Self, PubsubError> {
+        let config = parse_config(url)?;
+        let invalid = |error: fred::error::Error| {
+            PubsubError::InvalidUrl(format!("{}: {}", redact_url(url), error.details()))
+        };
+        let publisher = builder(config.clone(), None).build().map_err(invalid)?;
+        // RESP3 lets the subscriber connection answer PING while subscribed.
+        let subscriber_config = Config {
+            version: RespVersion::RESP3,
+            ..config
+        };
+        let subscriber = builder(subscriber_config, Some(SUBSCRIBER_BROADCAST_CAPACITY))
+            .build_subscriber_client()
+            .map_err(invalid)?;
+
+        // Taken before connecting, so that neither the first connection nor the first
+        // message can be missed.
+        let messages = subscriber.message_rx();
+        let reconnects = subscriber.reconnect_rx();
+
+        let losses = Arc::new(Losses::default());
+        let (publications, publication_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let (subscriptions, subscription_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let tasks = vec![
+            spawn(keep_connected(publisher.clone(), "publisher")),
+            spawn(keep_connected(subscriber.clone(), "subscriber")),
+            spawn(publish_loop(
+                publisher.clone(),
+                publication_rx,
+                Arc::clone(&losses),
+            )),
+            spawn(subscription_loop(
+                subscriber.clone(),
+                subscription_rx,
+                reconnects,
+            )),
+            spawn(receive_loop(messages, incoming, Arc::clone(&losses))),
+            spawn(heartbeat(publisher.clone(), subscriber.clone())),
+        ];
+        Ok(Self {
+            publisher,
+            subscriber,
+            publications,
+            subscriptions,
+            losses,
+            _tasks: tasks,
+        })
+    }
+
+    /// Waits until both connections are up, for at most `timeout`; returns whether they are.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Received messages lost because this replica did not read them fast enough.
+    pub fn dropped_received(&self) -> u64 {
+        self.losses.received.load(Ordering::Relaxed)
+    }
+
+    /// Accepted publications that never reached Redis.
+    pub fn dropped_published(&self) -> u64 {
+        self.losses.published.load(Ordering::Relaxed)
+    }
+
+    fn enqueue<T>(queue: &mpsc::Sender<T>, item: T) -> Result<(), PubsubError> {
+        queue.try_send(item).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => PubsubError::Backlogged(NAME),
+            mpsc::error::TrySendError::Closed(_) => PubsubError::Stopped(NAME),
+        })
+    }
+}
+
+impl Backbone for RedisBackbone {
+    fn adapter(&self) -> &'static str {
+        NAME
+    }
+
+    fn is_connected(&self) -> bool {
+        self.publisher.is_connected() && self.subscriber.is_connected()
+    }
+
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PubsubError> {
+        if !self.is_connected() {
+            return Err(PubsubError::Disconnected(NAME));
+        }
+        Self::enqueue(&self.publications, (topic.to_owned(), payload))
+    }
+
+    fn subscribe(&self, topic: &str) -> Result<(), PubsubError> {
+        Self::enqueue(
+            &self.subscriptions,
+            SubscriptionOp::Subscribe(topic.to_owned()),
+        )
+    }
+
+    fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
+        Self::enqueue(
+            &self.subscriptions,
+            SubscriptionOp::Unsubscribe(topic.to_owned()),
+        )
+    }
+}
+
+fn spawn<F>(task: F) -> AbortOnDrop
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    AbortOnDrop(tokio::spawn(task).abort_handle())
+}
+
+fn builder(config: Config, broadcast_capacity: Option<usize>) -> Builder {
+    let mut builder = Builder::from_config(Config {
+        // Run the reconnect policy for the first connection too, instead of failing
+        // when Redis is not up yet.
+        fail_fast: false,
+        ..config
+    });
+    builder
+        .with_performance_config(|performance| {
+            performance.default_command_timeout = COMMAND_TIMEOUT;
+            if let Some(capacity) = broadcast_capacity {
+                performance.broadcast_channel_capacity = capacity;
+            }
+        })
+        .with_connection_config(|connection| {
+            connection.connection_timeout = CONNECT_TIMEOUT;
+            connection.internal_command_timeout = CONNECT_TIMEOUT;
+            // A failed AUTH (a password being rotated, a server still loading) is
+            // retried like any other connection failure.
+            connection.reconnect_on_auth_error = true;
+            connection.unresponsive.max_timeout = Some(UNRESPONSIVE_AFTER);
+            connection.unresponsive.interval = Duration::from_secs(1);
+        })
+        // max_attempts 0: retry forever.
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            RECONNECT_MIN_MS,
+            RECONNECT_MAX_MS,
+            2,
+        ));
+    builder
+}
+
+/// Drives one client's connection task, and starts it again should it ever end (fred
+/// gives up on configuration errors even with an unlimited policy).
+async fn keep_connected<C: ClientLike>(client: C, role: &'static str) {
+    loop {
+        let connection = client.connect();
+        // Aborting this task must also stop fred's, which would otherwise retry forever.
+        let guard = AbortOnDrop(connection.abort_handle());
+        match connection.await {
+            Ok(Ok(())) => tracing::warn!(adapter = NAME, role, "connection task ended"),
+            Ok(Err(error)) => {
+                tracing::warn!(adapter = NAME, role, %error, "connection task failed")
+            }
+            Err(error) => tracing::warn!(adapter = NAME, role, %error, "connection task died"),
+        }
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(u64::from(RECONNECT_MAX_MS))).await;
+    }
+}
+
+async fn publish_loop(
+    publisher: fred::clients::Client,
+    mut queue: mpsc::Receiver<(String, Bytes)>,
+    losses: Arc<Losses>,
+) {
+    let throttle = Throttle::new(LOG_EVERY);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let count = batch.len();
+        if !publisher.is_connected() {
+            // At most once: what was accepted just before an outage is dropped rather
+            // than delivered late.
+            batch.clear();
+            lost_publications(&losses, &throttle, count, "the connection is down");
+            continue;
+        }
+        let pipeline = publisher.pipeline();
+        for (topic, payload) in batch.drain(..) {
+            // Only queues the command in the pipeline's memory.
+            let queued: Result<(), _> = pipeline.publish(topic, Value::Bytes(payload)).await;
+            if let Err(error) = queued {
+                tracing::debug!(adapter = NAME, %error, "could not queue a publication");
+            }
+        }
+        // Waiting for the batch before sending the next keeps publications in order,
+        // even when fred retries a batch after a reconnect.
+        let failed = pipeline
+            .try_all::<Value>()
+            .await
+            .iter()
+            .filter(|result| result.is_err())
+            .count();
+        if failed > 0 {
+            lost_publications(&losses, &throttle, failed, "PUBLISH failed");
+        }
+    }
+}
+
+fn lost_publications(losses: &Losses, throttle: &Throttle, count: usize, why: &str) {
+    let count = u64::try_from(count).unwrap_or(u64::MAX);
+    losses.published.fetch_add(count, Ordering::Relaxed);
+    if let Some(lost) = throttle.record(count) {
+        tracing::warn!(adapter = NAME, lost, why, "publications lost");
+    }
+}
+
+async fn subscription_loop(
+    subscriber: SubscriberClient,
+    mut ops: mpsc::Receiver<SubscriptionOp>,
+    mut reconnects: broadcast::Receiver<fred::prelude::Server>,
+) {
+    // What the adapter should hold; Redis may hold less while `dirty`.
+    let mut wanted = BTreeSet::new();
+    let mut dirty = false;
+    let mut retry = tokio::time::interval(RESYNC_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            op = ops.recv() => {
+                let Some(op) = op else { break };
+                let result = match op {
+                    SubscriptionOp::Subscribe(topic) => {
+                        if !wanted.insert(topic.clone()) {
+                            continue;
+                        }
+                        if !subscriber.is_connected() {
+                            dirty = true;
+                            continue;
+                        }
+                        subscriber.subscribe(topic).await
+                    }
+                    SubscriptionOp::Unsubscribe(topic) => {
+                        if !wanted.remove(&topic) {
+                            continue;
+                        }
+                        if !subscriber.is_connected() {
+                            dirty = true;
+                            continue;
+                        }
+                        subscriber.unsubscribe(topic).await
+                    }
+                };
+                if let Err(error) = result {
+                    tracing::debug!(adapter = NAME, %error, "subscription change failed, retrying");
+                    dirty = true;
+                }
+            }
+            event = reconnects.recv() => match event {
+                // Also sent for the first connection. A new connection holds nothing.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    dirty = !resync(&subscriber, &wanted).await;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = retry.tick(), if dirty && subscriber.is_connected() => {
+                dirty = !resync(&subscriber, &wanted).await;
+            }
+        }
+    }
+}
+
+/// Makes Redis hold exactly `wanted`; returns whether it worked.
+async fn resync(subscriber: &SubscriberClient, wanted: &BTreeSet<String>) -> bool {
+    let mut ok = true;
+    let wanted_list: Vec<&String> = wanted.iter().collect();
+    for chunk in wanted_list.chunks(MAX_CHANNELS_PER_COMMAND) {
+        let channels: Vec<String> = chunk.iter().map(|topic| (*topic).clone()).collect();
+        if let Err(error) = subscriber.subscribe(channels).await {
+            tracing::warn!(adapter = NAME, %error, "resubscribing failed, retrying");
+            ok = false;
+        }
+    }
+    let stale: Vec<String> = subscriber
+        .tracked_channels()
+        .iter()
+        .filter(|channel| !wanted.contains(&***channel))
+        .map(|channel| channel.to_string())
+        .collect();
+    for chunk in stale.chunks(MAX_CHANNELS_PER_COMMAND) {
+        if let Err(error) = subscriber.unsubscribe(chunk.to_vec()).await {
+            tracing::warn!(adapter = NAME, %error, "unsubscribing failed, retrying");
+            ok = false;
+        }
+    }
+    if ok {
+        tracing::info!(
+            adapter = NAME,
+            topics = wanted.len(),
+            "subscriptions in place"
+        );
+    }
+    ok
+}
+
+async fn receive_loop(
+    mut messages: broadcast::Receiver<Message>,
+    incoming: mpsc::Sender<Incoming>,
+    losses: Arc<Losses>,
+) {
+    let throttle = Throttle::new(LOG_EVERY);
+    loop {
+        match messages.recv().await {
+            Ok(message) => {
+                let Some(payload) = payload(message.value) else {
+                    continue;
+                };
+                if incoming.send(payload).await.is_err() {
+                    break;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                losses.received.fetch_add(missed, Ordering::Relaxed);
+                if let Some(lost) = throttle.record(missed) {
+                    tracing::warn!(
+                        adapter = NAME,
+                        lost,
+                        "received messages lost: this replica reads them too slowly"
+                    );
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// The raw bytes of a message, without copying them.
+fn payload(value: Value) -> Option<Bytes> {
+    match value {
+        Value::Bytes(bytes) => Some(bytes),
+        Value::String(text) => Some(text.into_inner()),
+        Value::Null => Some(Bytes::new()),
+        other => {
+            tracing::debug!(adapter = NAME, kind = ?other.kind(), "ignoring a non-binary message");
+            None
+        }
+    }
+}
+
+async fn heartbeat(publisher: fred::clients::Client, subscriber: SubscriberClient) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // An unanswered PING makes fred's unresponsive check drop the connection.
+        let ping_publisher = async {
+            if publisher.is_connected() {
+                let _: Result<Value, _> = publisher.ping(None).await;
+            }
+        };
+        let ping_subscriber = async {
+            if subscriber.is_connected() {
+                let _: Result<Value, _> = subscriber.ping(None).await;
+            }
+        };
+        tokio::join!(ping_publisher, ping_subscriber);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_before_connecting() {
+        assert_eq!(validate_url("redis://127.0.0.1:6379"), Ok(()));
+        assert_eq!(validate_url("redis://:secret@redis/2"), Ok(()));
+        assert_eq!(validate_url("redis://localhost"), Ok(()));
+        for bad in [
+            "",
+            "localhost:6379",
+            "http://localhost",
+            "rediss://localhost",
+            "redis://",
+            "redis://host:notaport",
+            "redis://host/1/2",
+        ] {
+            assert!(
+                matches!(validate_url(bad), Err(PubsubError::InvalidUrl(_))),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_hide_the_password() {
+        let Err(PubsubError::InvalidUrl(text)) = validate_url("rediss://:hunter2@h") else {
+            panic!("a TLS URL is refused");
+        };
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn payloads_keep_their_bytes() {
+        let raw = Bytes::from_static(&[0, 159, 146, 150]);
+        assert_eq!(payload(Value::Bytes(raw.clone())), Some(raw));
+        assert_eq!(
+            payload(Value::String("{}".into())),
+            Some(Bytes::from_static(b"{}"))
+        );
+        assert_eq!(payload(Value::Null), Some(Bytes::new()));
+    }
+}

@@ -1,0 +1,40 @@
+//! The NATS adapter against a real `nats-server`, one per test on its own port.
+
+mod support;
+
+use chorus_pubsub::nats::NatsBackbone;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_between_instances() {
+    support::delivers_between_instances::<NatsBackbone>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_stops_delivery() {
+    support::unsubscribe_stops_delivery::<NatsBackbone>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_order_of_1000_messages() {
+    support::keeps_order::<NatsBackbone>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tricky_topic_names_round_trip() {
+    support::tricky_topic_names::<NatsBackbone>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_while_the_server_is_down() {
+    support::starts_while_the_server_is_down::<NatsBackbone>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_an_outage() {
+    support::survives_an_outage::<NatsBackbone>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_stops_the_tasks() {
+    support::dropping_stops_the_tasks::<NatsBackbone>().await;
+}

@@ -1,0 +1,468 @@
+//! What the backbone adapter tests share: real `redis-server` / `nats-server` processes,
+//! each on its own loopback port and killed on drop, and the scenarios every adapter
+//! must pass, written once for both.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_pubsub::nats::NatsBackbone;
+use chorus_pubsub::redis::RedisBackbone;
+use chorus_pubsub::{Backbone, PubsubError};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+/// How long anything that should happen "soon" may take before a test fails.
+pub const SOON: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Nats,
+}
+
+impl Kind {
+    fn binary(self) -> &'static str {
+        match self {
+            Self::Redis => "redis-server",
+            Self::Nats => "nats-server",
+        }
+    }
+}
+
+/// A backbone server process owned by one test.
+pub struct Server {
+    kind: Kind,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts a server on a fresh port and waits until it accepts connections.
+    pub fn start(kind: Kind) -> Self {
+        let mut server = Self::stopped(kind);
+        server.restart();
+        server
+    }
+
+    /// Reserves a fresh port without starting anything on it yet.
+    pub fn stopped(kind: Kind) -> Self {
+        Self {
+            kind,
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self.kind {
+            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Nats => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Starts the server (again) on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is already running");
+        let binary = find_binary(self.kind.binary());
+        let port = self.port.to_string();
+        let mut command = Command::new(&binary);
+        match self.kind {
+            Kind::Redis => command.args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--dir",
+                &std::env::temp_dir().to_string_lossy(),
+            ]),
+            Kind::Nats => command.args(["-a", "127.0.0.1", "-p", &port]),
+        };
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = std::time::Instant::now() + SOON;
+        loop {
+            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{} exited with {status} before accepting connections on port {}",
+                    self.kind.binary(),
+                    self.port
+                );
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!(
+                    "{} did not accept connections within {SOON:?}",
+                    self.kind.binary()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child = Some(child);
+    }
+
+    /// Kills the server, as a crash would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn find_binary(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not installed: run scripts/test, which installs redis-server and \
+                 nats-server (or `apt-get install -y redis-server nats-server`)"
+            )
+        })
+}
+
+/// A loopback port nothing listens on, below the kernel's ephemeral range: a port from
+/// that range could meanwhile become the local end of some client connection (our own
+/// reconnect attempts included), and then the server could not be restarted on it.
+fn free_port() -> u16 {
+    static TAKEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16;
+    let high = ephemeral_low.max(low + 1000);
+    let mut taken = TAKEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let taken = taken.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let port = rand::random_range(low..high);
+        if taken.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            taken.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port found in {low}..{high}");
+}
+
+/// What the scenarios need from an adapter besides [`Backbone`].
+pub trait Adapter: Backbone + Sized {
+    const KIND: Kind;
+    fn connect(
+        url: &str,
+        incoming: mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<Self, PubsubError>> + Send;
+}
+
+impl Adapter for RedisBackbone {
+    const KIND: Kind = Kind::Redis;
+    fn connect(
+        url: &str,
+        incoming: mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<Self, PubsubError>> + Send {
+        RedisBackbone::connect(url, incoming)
+    }
+}
+
+impl Adapter for NatsBackbone {
+    const KIND: Kind = Kind::Nats;
+    fn connect(
+        url: &str,
+        incoming: mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<Self, PubsubError>> + Send {
+        NatsBackbone::connect(url, incoming)
+    }
+}
+
+/// An adapter and what it receives.
+pub struct Node<A> {
+    pub backbone: A,
+    pub received: mpsc::Receiver<Bytes>,
+}
+
+impl<A: Adapter> Node<A> {
+    pub async fn connect(url: &str) -> Self {
+        // Small on purpose: the adapter must wait for the reader, not drop.
+        let (incoming, received) = mpsc::channel(16);
+        let backbone = A::connect(url, incoming).await.expect("a valid URL");
+        Self { backbone, received }
+    }
+
+    pub async fn connected(url: &str) -> Self {
+        let node = Self::connect(url).await;
+        node.wait_connected(true).await;
+        node
+    }
+
+    pub async fn wait_connected(&self, connected: bool) {
+        let deadline = Instant::now() + SOON;
+        while self.backbone.is_connected() != connected {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become {} within {SOON:?}",
+                self.backbone.adapter(),
+                if connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The next message, failing the test if none comes soon.
+    pub async fn next(&mut self) -> Bytes {
+        timeout(SOON, self.received.recv())
+            .await
+            .expect("a message arrives in time")
+            .expect("the adapter is alive")
+    }
+
+    /// Waits until a message equal to `wanted` arrives, returning the ones before it.
+    pub async fn until(&mut self, wanted: &[u8]) -> Vec<Bytes> {
+        let mut before = Vec::new();
+        loop {
+            let message = self.next().await;
+            if message == wanted {
+                return before;
+            }
+            before.push(message);
+        }
+    }
+}
+
+/// Publishes, failing the test if the adapter refuses.
+pub fn publish<A: Adapter>(node: &Node<A>, topic: &str, payload: impl Into<Bytes>) {
+    node.backbone
+        .publish(topic, payload.into())
+        .expect("publish is accepted");
+}
+
+/// Waits until `subscriber` receives what `publisher` sends on `topic` (its subscription is
+/// asynchronous), then leaves no probe behind: publishes probes until one arrives, then a
+/// fence, and drops everything up to the fence (one publisher's messages on one topic
+/// stay in order).
+pub async fn sync<A: Adapter>(subscriber: &mut Node<A>, publisher: &Node<A>, topic: &str) {
+    let deadline = Instant::now() + SOON;
+    let mut attempt = 0u32;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{topic:?} published by one {} adapter never reached another within {SOON:?}",
+            A::KIND.binary()
+        );
+        if publisher.backbone.is_connected() {
+            let _ = publisher
+                .backbone
+                .publish(topic, Bytes::from(format!("probe-{attempt}")));
+        }
+        attempt += 1;
+        if let Ok(Some(message)) =
+            timeout(Duration::from_millis(100), subscriber.received.recv()).await
+        {
+            assert!(message.starts_with(b"probe-"), "unexpected {message:?}");
+            break;
+        }
+    }
+    let fence = format!("fence-{attempt}");
+    publish(publisher, topic, fence.clone());
+    for message in subscriber.until(fence.as_bytes()).await {
+        assert!(message.starts_with(b"probe-"), "unexpected {message:?}");
+    }
+}
+
+// ---- scenarios ----
+
+/// Subscribe on A, publish on B, A receives it, byte for byte.
+pub async fn delivers_between_instances<A: Adapter>() {
+    let server = Server::start(A::KIND);
+    let mut a = Node::<A>::connected(&server.url()).await;
+    let mut b = Node::<A>::connected(&server.url()).await;
+    a.backbone.subscribe("items:1").expect("subscribe");
+    sync(&mut a, &b, "items:1").await;
+
+    let binary = Bytes::from_static(&[0, 1, 2, 255, 254, b'\n', b' ']);
+    publish(&b, "items:1", binary.clone());
+    assert_eq!(a.next().await, binary);
+    assert_eq!(b.received.try_recv().ok(), None, "B subscribed to nothing");
+}
+
+/// Unsubscribing stops delivery, and a subscribe directly followed by an unsubscribe of
+/// the same topic ends unsubscribed.
+pub async fn unsubscribe_stops_delivery<A: Adapter>() {
+    let server = Server::start(A::KIND);
+    let mut a = Node::<A>::connected(&server.url()).await;
+    let b = Node::<A>::connected(&server.url()).await;
+    a.backbone.subscribe("t").expect("subscribe");
+    sync(&mut a, &b, "t").await;
+
+    a.backbone.unsubscribe("t").expect("unsubscribe");
+    a.backbone.subscribe("late").expect("subscribe");
+    a.backbone.unsubscribe("late").expect("unsubscribe");
+    a.backbone
+        .unsubscribe("never")
+        .expect("unsubscribing an unknown topic is fine");
+    // Operations are applied in order, so once "marker" delivers, the ones before it
+    // are in place.
+    a.backbone.subscribe("marker").expect("subscribe");
+    sync(&mut a, &b, "marker").await;
+
+    publish(&b, "t", "after unsubscribe");
+    publish(&b, "late", "after subscribe + unsubscribe");
+    publish(&b, "marker", "end");
+    let before = a.until(b"end").await;
+    assert!(
+        before.is_empty(),
+        "received after unsubscribing: {before:?}"
+    );
+}
+
+/// 1000 messages from one adapter on one topic arrive at another in order.
+pub async fn keeps_order<A: Adapter>() {
+    let server = Server::start(A::KIND);
+    let mut a = Node::<A>::connected(&server.url()).await;
+    let b = Node::<A>::connected(&server.url()).await;
+    a.backbone.subscribe("order").expect("subscribe");
+    sync(&mut a, &b, "order").await;
+
+    for n in 0..1000 {
+        publish(&b, "order", n.to_string());
+    }
+    for n in 0..1000 {
+        let message = a.next().await;
+        assert_eq!(message, n.to_string(), "message {n} out of order");
+    }
+}
+
+/// Channel names with dots in awkward places, and every allowed character, round-trip,
+/// and names that differ only by such dots stay apart.
+pub async fn tricky_topic_names<A: Adapter>() {
+    let server = Server::start(A::KIND);
+    let mut a = Node::<A>::connected(&server.url()).await;
+    let b = Node::<A>::connected(&server.url()).await;
+    let tricky = [
+        "a..b",
+        "x.",
+        ".x",
+        "...",
+        "user@host/path=1",
+        "Az09_-:.@/=",
+        "items:100",
+    ];
+    for topic in tricky {
+        a.backbone.subscribe(topic).expect("subscribe");
+    }
+    for topic in tricky {
+        sync(&mut a, &b, topic).await;
+        publish(&b, topic, topic);
+        assert_eq!(a.next().await, topic.as_bytes(), "payload on {topic:?}");
+    }
+    // Near misses of subscribed names must not be delivered to them.
+    for neighbour in ["a.b", "x", "x..", "a...b", "user@host/path=2"] {
+        publish(&b, neighbour, neighbour);
+    }
+    publish(&b, "a..b", "end");
+    let before = a.until(b"end").await;
+    assert!(before.is_empty(), "near misses delivered: {before:?}");
+}
+
+/// With no server, the adapter starts, says it is disconnected and refuses to publish;
+/// once a server appears it connects by itself, with the subscriptions asked for while
+/// it was down.
+pub async fn starts_while_the_server_is_down<A: Adapter>() {
+    let mut server = Server::stopped(A::KIND);
+    let mut a = Node::<A>::connect(&server.url()).await;
+    assert!(!a.backbone.is_connected());
+    assert_eq!(
+        a.backbone.publish("t", Bytes::from_static(b"x")),
+        Err(PubsubError::Disconnected(a.backbone.adapter()))
+    );
+    a.backbone
+        .subscribe("early")
+        .expect("subscribing while down is queued");
+
+    server.restart();
+    let started = Instant::now();
+    a.wait_connected(true).await;
+    let b = Node::<A>::connected(&server.url()).await;
+    sync(&mut a, &b, "early").await;
+    assert!(started.elapsed() < SOON, "took {:?}", started.elapsed());
+}
+
+/// A server that dies and comes back on the same port: both adapters notice, refuse to
+/// publish meanwhile, reconnect within 10 s, and A gets B's publications on the topic it
+/// subscribed to before the outage, without subscribing again.
+pub async fn survives_an_outage<A: Adapter>() {
+    let mut server = Server::start(A::KIND);
+    let mut a = Node::<A>::connected(&server.url()).await;
+    let b = Node::<A>::connected(&server.url()).await;
+    a.backbone.subscribe("outage").expect("subscribe");
+    sync(&mut a, &b, "outage").await;
+
+    server.stop();
+    a.wait_connected(false).await;
+    b.wait_connected(false).await;
+    assert_eq!(
+        b.backbone.publish("outage", Bytes::from_static(b"lost")),
+        Err(PubsubError::Disconnected(b.backbone.adapter()))
+    );
+
+    server.restart();
+    let restarted = Instant::now();
+    a.wait_connected(true).await;
+    b.wait_connected(true).await;
+    sync(&mut a, &b, "outage").await;
+    let took = restarted.elapsed();
+    assert!(took < SOON, "recovery took {took:?}");
+
+    publish(&b, "outage", "after");
+    assert_eq!(a.next().await, Bytes::from_static(b"after"));
+}
+
+/// Dropping an adapter ends its tasks: what it was handed to deliver into is released.
+pub async fn dropping_stops_the_tasks<A: Adapter>() {
+    let server = Server::start(A::KIND);
+    let (incoming, mut received) = mpsc::channel(1);
+    let backbone = A::connect(&server.url(), incoming)
+        .await
+        .expect("a valid URL");
+    backbone.subscribe("t").expect("subscribe");
+    drop(backbone);
+    // Every sender lives in the adapter's tasks; once they are gone, the channel closes.
+    let closed = timeout(SOON, async { while received.recv().await.is_some() {} }).await;
+    assert!(closed.is_ok(), "the adapter's tasks outlived it");
+}

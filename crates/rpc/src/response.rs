@@ -1,0 +1,32 @@
+//! Serialising responses straight into the outgoing buffer, echoing ids as sent.
+
+use serde_json::value::RawValue;
+
+use crate::error::RpcError;
+use crate::router::Reply;
+
+pub(crate) fn write_result(out: &mut String, id: &RawValue, result: &Reply<'_>) {
+    out.push_str(r#"{"jsonrpc":"2.0","result":"#);
+    match result {
+        Reply::Raw(raw) => out.push_str(raw.get()),
+        Reply::Static(text) => out.push_str(text),
+        Reply::Json(value) => out.push_str(&value.to_string()),
+    }
+    out.push_str(r#","id":"#);
+    out.push_str(id.get());
+    out.push('}');
+}
+
+pub(crate) fn write_error(out: &mut String, id: Option<&RawValue>, error: &RpcError) {
+    out.push_str(r#"{"jsonrpc":"2.0","error":{"code":"#);
+    out.push_str(&error.code.code().to_string());
+    out.push_str(r#","message":"#);
+    out.push_str(&serde_json::Value::from(error.message.as_str()).to_string());
+    if let Some(data) = &error.data {
+        out.push_str(r#","data":"#);
+        out.push_str(&data.to_string());
+    }
+    out.push_str(r#"},"id":"#);
+    out.push_str(id.map_or("null", RawValue::get));
+    out.push('}');
+}

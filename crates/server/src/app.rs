@@ -1,0 +1,287 @@
+//! The running server: shared state, start-up in the right order (config, metrics,
+//! backbone, node, listener), the accept loop, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use chorus_hub::{CloseReason, Hub};
+use chorus_pubsub::local::LocalBus;
+use chorus_pubsub::nats::NatsBackbone;
+use chorus_pubsub::redis::RedisBackbone;
+use chorus_rpc::{Router, notification};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::config::{Backbone, Config};
+use crate::metrics::Metrics;
+use crate::node::{ClusterNode, Topics};
+
+/// Per-connection read buffer: small, because it is allocated for every idle socket.
+const READ_BUFFER: usize = 4 * 1024;
+/// Write buffer size past which tungstenite writes to the socket before a flush.
+const WRITE_BUFFER: usize = 16 * 1024;
+/// Messages the backbone may queue for this replica before the adapter waits.
+const INCOMING_QUEUE: usize = 8_192;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot start the {adapter} backbone: {reason}")]
+    Backbone {
+        adapter: &'static str,
+        reason: String,
+    },
+}
+
+/// Everything a request or connection needs.
+pub struct App {
+    pub config: Config,
+    pub node: Arc<ClusterNode>,
+    pub router: Router,
+    pub metrics: Arc<Metrics>,
+    pub ws_config: WebSocketConfig,
+    pub started: Instant,
+    draining: AtomicBool,
+    /// WebSocket connections, counted from the accepted upgrade to the socket's end.
+    connections: AtomicUsize,
+    connection_closed: Notify,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reserved connection; releasing it updates the count and wakes shutdown.
+pub struct ConnectionSlot {
+    app: Arc<App>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.app.connections.fetch_sub(1, Ordering::AcqRel);
+        self.app.metrics.connections_active.dec();
+        self.app.connection_closed.notify_waiters();
+    }
+}
+
+impl App {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Reserves a connection, or `None` past `WS_MAX_CONNECTIONS`.
+    pub fn reserve_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let max = self.config.max_connections;
+        let previous = self.connections.fetch_add(1, Ordering::AcqRel);
+        if max != 0 && previous >= max {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.connections_active.inc();
+        Some(ConnectionSlot {
+            app: Arc::clone(self),
+        })
+    }
+
+    /// Section 6 of the contract: stop accepting, tell every client when to come
+    /// back (spread over the grace period), close with 1001, and wait until every
+    /// connection is gone or the grace period ends.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        let grace = self.config.shutdown_grace;
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX).max(1);
+        tracing::info!(connections = self.connections(), ?grace, "draining");
+        self.node.hub().for_each_client(|client| {
+            let after = rand::random_range(0..grace_ms);
+            let _ = client.send(notification::value(
+                "sys.shutdown",
+                &serde_json::json!({"reconnect_after_ms": after}),
+            ));
+            client.close(CloseReason::Shutdown);
+        });
+        let all_closed = async {
+            loop {
+                let closed = self.connection_closed.notified();
+                if self.connections() == 0 {
+                    return;
+                }
+                closed.await;
+            }
+        };
+        if tokio::time::timeout(grace, all_closed).await.is_err() {
+            tracing::warn!(
+                remaining = self.connections(),
+                "grace period over; exiting with connections open"
+            );
+        }
+    }
+}
+
+/// A server listening on its port.
+pub struct RunningServer {
+    pub app: Arc<App>,
+    pub local_addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningServer {
+    /// Drains (section 6), then stops accepting.
+    pub async fn shutdown(self) {
+        self.app.drain().await;
+        self.accept.abort();
+    }
+}
+
+/// Builds everything from a validated config and starts listening.
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    start_with_bus(config, None).await
+}
+
+/// Like [`start`], with the `local` adapter joined to a shared in-process bus, so
+/// that several servers in one process form a cluster (used by tests).
+pub async fn start_with_bus(
+    config: Config,
+    bus: Option<LocalBus>,
+) -> Result<RunningServer, StartError> {
+    let router = Router::with_builtin_methods();
+    let metrics = Arc::new(Metrics::new(
+        config.backbone.adapter(),
+        &router.method_names(),
+    )?);
+    let hub = Arc::new(Hub::new(config.send_buffer, metrics.clone()));
+    let backbone = connect_backbone(&config, bus).await?;
+    if let Some((backbone, _)) = &backbone {
+        tracing::info!(adapter = backbone.adapter(), "joined the cluster backbone");
+    } else {
+        tracing::info!("pubsub disabled: running standalone");
+    }
+    let node = ClusterNode::start(
+        config.node_id.clone(),
+        hub,
+        backbone,
+        Topics::new(&config.pubsub_channel),
+        metrics.pubsub.clone(),
+    );
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(2 * config.max_message_size + WRITE_BUFFER + READ_BUFFER)
+        .max_message_size(Some(config.max_message_size))
+        .max_frame_size(Some(config.max_message_size));
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let app = Arc::new(App {
+        config,
+        node,
+        router,
+        metrics,
+        ws_config,
+        started: Instant::now(),
+        draining: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        connection_closed: Notify::new(),
+    });
+    tracing::info!(%local_addr, node_id = app.node.node_id(), path = app.config.ws_path, "listening");
+    let accept = tokio::spawn(accept_loop(listener, Arc::clone(&app)));
+    Ok(RunningServer {
+        app,
+        local_addr,
+        accept,
+    })
+}
+
+type BackboneParts = (
+    Arc<dyn chorus_pubsub::Backbone>,
+    mpsc::Receiver<bytes::Bytes>,
+);
+
+/// Creates the configured adapter. Redis and NATS adapters connect in the
+/// background: a backbone that is down at start-up is reported as disconnected, and
+/// joined as soon as it appears.
+async fn connect_backbone(
+    config: &Config,
+    bus: Option<LocalBus>,
+) -> Result<Option<BackboneParts>, StartError> {
+    let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
+    let failed = |err: chorus_pubsub::PubsubError| StartError::Backbone {
+        adapter: config.backbone.adapter(),
+        reason: err.to_string(),
+    };
+    let backbone: Arc<dyn chorus_pubsub::Backbone> = match &config.backbone {
+        Backbone::Standalone => return Ok(None),
+        Backbone::Local => Arc::new(bus.unwrap_or_default().attach(incoming_tx)),
+        Backbone::Redis { url } => Arc::new(
+            RedisBackbone::connect(url, incoming_tx)
+                .await
+                .map_err(failed)?,
+        ),
+        Backbone::Nats { url } => Arc::new(
+            NatsBackbone::connect(url, incoming_tx)
+                .await
+                .map_err(failed)?,
+        ),
+    };
+    Ok(Some((backbone, incoming_rx)))
+}
+
+async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors, typically: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| crate::http::route(Arc::clone(&app), request));
+            let served = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+            if let Err(err) = served {
+                tracing::debug!(%err, "http connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,195 @@
+//! HTTP routes on the one port: the WebSocket upgrade (and the optional echo
+//! endpoint), `/health`, `/ready` and `/metrics`. Everything else is 404.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::app::App;
+use crate::connection::{self, Mode};
+
+type Body = Full<Bytes>;
+
+pub async fn route(
+    app: Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path();
+    let response = if path == app.config.ws_path {
+        upgrade(app, request, Mode::Rpc)
+    } else if app.config.echo_path.as_deref() == Some(path) {
+        upgrade(app, request, Mode::Echo)
+    } else {
+        match (request.method(), path) {
+            (&Method::GET | &Method::HEAD, "/health") => health(&app),
+            (&Method::GET | &Method::HEAD, "/ready") => ready(&app),
+            (&Method::GET | &Method::HEAD, "/metrics") => metrics(&app),
+            (_, "/health" | "/ready" | "/metrics") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    };
+    Ok(response)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn health(app: &App) -> Response<Body> {
+    let backbone = app.node.backbone_connected();
+    let connected = backbone.unwrap_or(true);
+    let status = if connected { "ok" } else { "degraded" };
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "status": status,
+            "node_id": app.node.node_id(),
+            "connections": app.connections(),
+            "pubsub": {"adapter": app.config.backbone.adapter(), "enabled": backbone.is_some(), "connected": connected},
+            "uptime_s": app.started.elapsed().as_secs(),
+        }),
+    )
+}
+
+fn ready(app: &App) -> Response<Body> {
+    if app.is_draining() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if app.node.backbone_connected() == Some(false) {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "pubsub backbone disconnected\n",
+        )
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}
+
+fn metrics(app: &App) -> Response<Body> {
+    app.metrics
+        .pubsub
+        .connected
+        .set(i64::from(app.node.backbone_connected().unwrap_or(true)));
+    let mut response = Response::new(Full::new(Bytes::from(app.metrics.render())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Whether a comma-separated header holds `token` (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|part| part.trim().eq_ignore_ascii_case(token))
+}
+
+/// RFC 6455 section 4.2: validates the handshake, applies origin, drain and
+/// connection limits, answers 101 and hands the socket to a connection task.
+fn upgrade(app: Arc<App>, mut request: Request<Incoming>, mode: Mode) -> Response<Body> {
+    let headers = request.headers();
+    if request.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "WebSocket upgrade needs GET\n",
+        );
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade")
+        || !header_has_token(headers, header::UPGRADE, "websocket")
+    {
+        return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut response = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version\n",
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|key| key.len() == 24)
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "missing or malformed Sec-WebSocket-Key\n",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|origin| origin.to_str().ok());
+    if !app.config.allowed_origins.allows(origin) {
+        return text(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    if app.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
+    }
+    let Some(slot) = app.reserve_connection() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    };
+
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(app.ws_config),
+                )
+                .await;
+                connection::run(ws, app, mode, slot).await;
+            }
+            Err(err) => tracing::debug!(%err, "upgrade failed"),
+        }
+    });
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}

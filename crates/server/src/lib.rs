@@ -1,0 +1,14 @@
+//! The Chorus server: configuration, HTTP routes, WebSocket connections, the cluster
+//! node and graceful shutdown. `main.rs` is a thin wrapper; tests start servers
+//! in-process through [`start`].
+
+pub mod app;
+pub mod config;
+mod connection;
+mod http;
+pub mod logging;
+pub mod metrics;
+pub mod node;
+
+pub use app::{RunningServer, StartError, start, start_with_bus};
+pub use config::{Config, ConfigError};

@@ -1,0 +1,225 @@
+//! The Prometheus series of section 4 of the contract, registered at start-up so that
+//! every one exists before its first event.
+
+use std::collections::HashMap;
+
+use chorus_hub::{ClientId, HubEvents};
+use chorus_rpc::{CallRecord, Observer};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// RPC latency buckets: handlers run in microseconds, so start low.
+const RPC_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.1,
+];
+/// Cross-replica latency buckets, in seconds.
+const PUBSUB_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Per-method handles, resolved once so the hot path does no label lookup.
+struct MethodSeries {
+    ok: IntCounter,
+    error: IntCounter,
+    duration: Histogram,
+}
+
+/// Pubsub series for the configured adapter.
+#[derive(Clone)]
+pub struct PubsubMetrics {
+    pub published: IntCounter,
+    pub received: IntCounter,
+    pub errors: IntCounter,
+    pub connected: IntGauge,
+    pub latency: Histogram,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: IntGauge,
+    pub connections_total: IntCounter,
+    pub messages_received: IntCounter,
+    pub messages_sent: IntCounter,
+    pub rate_limited: IntCounter,
+    pub slow_consumer_drops: IntCounter,
+    pub pubsub: PubsubMetrics,
+    methods: HashMap<&'static str, MethodSeries>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every series; `methods` are the router's method names.
+    pub fn new(adapter: &'static str, methods: &[&'static str]) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let counter = IntCounter::new(name, help)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let connections_active =
+            IntGauge::new("ws_connections_active", "Open WebSocket connections")?;
+        registry.register(Box::new(connections_active.clone()))?;
+        let connections_total = counter(
+            "ws_connections_total",
+            "WebSocket connections accepted since start",
+        )?;
+        let messages_received = counter(
+            "ws_messages_received_total",
+            "Text messages received from clients",
+        )?;
+        let messages_sent = counter(
+            "ws_messages_sent_total",
+            "Messages written to client sockets",
+        )?;
+        let rate_limited = counter(
+            "ws_rate_limited_total",
+            "Requests refused by the rate limiter",
+        )?;
+        let slow_consumer_drops = counter(
+            "ws_slow_consumer_drops_total",
+            "Clients disconnected because their outbound queue was full",
+        )?;
+
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "ws_rpc_requests_total",
+                "JSON-RPC calls by method and outcome",
+            ),
+            &["method", "outcome"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        let durations = HistogramVec::new(
+            HistogramOpts::new("ws_rpc_duration_seconds", "JSON-RPC handler time by method")
+                .buckets(RPC_BUCKETS.to_vec()),
+            &["method"],
+        )?;
+        registry.register(Box::new(durations.clone()))?;
+        let mut method_series = HashMap::new();
+        for &method in methods.iter().chain(&["unknown", "invalid"]) {
+            method_series.insert(
+                method,
+                MethodSeries {
+                    ok: requests.with_label_values(&[method, "ok"]),
+                    error: requests.with_label_values(&[method, "error"]),
+                    duration: durations.with_label_values(&[method]),
+                },
+            );
+        }
+
+        let labelled = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let vec = IntCounterVec::new(Opts::new(name, help), &["adapter"])?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok(vec.with_label_values(&[adapter]))
+        };
+        let published = labelled(
+            "ws_pubsub_published_total",
+            "Envelopes handed to the backbone",
+        )?;
+        let received = labelled(
+            "ws_pubsub_received_total",
+            "Envelopes received from other replicas",
+        )?;
+        let errors = labelled(
+            "ws_pubsub_errors_total",
+            "Backbone failures (publish refused, undecodable envelope)",
+        )?;
+        let connected_vec = IntGaugeVec::new(
+            Opts::new(
+                "ws_pubsub_connected",
+                "1 while the backbone connection is up",
+            ),
+            &["adapter"],
+        )?;
+        registry.register(Box::new(connected_vec.clone()))?;
+        let latency_vec = HistogramVec::new(
+            HistogramOpts::new(
+                "ws_pubsub_latency_seconds",
+                "Origin timestamp to local delivery, for envelopes from other replicas",
+            )
+            .buckets(PUBSUB_BUCKETS.to_vec()),
+            &["adapter"],
+        )?;
+        registry.register(Box::new(latency_vec.clone()))?;
+
+        Ok(Self {
+            registry,
+            connections_active,
+            connections_total,
+            messages_received,
+            messages_sent,
+            rate_limited,
+            slow_consumer_drops,
+            pubsub: PubsubMetrics {
+                published,
+                received,
+                errors,
+                connected: connected_vec.with_label_values(&[adapter]),
+                latency: latency_vec.with_label_values(&[adapter]),
+            },
+            methods: method_series,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on a malformed family, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Observer for Metrics {
+    fn record(&self, record: CallRecord) {
+        if let Some(series) = self.methods.get(record.method) {
+            match record.outcome {
+                chorus_rpc::CallOutcome::Ok => series.ok.inc(),
+                chorus_rpc::CallOutcome::Error(_) => series.error.inc(),
+            }
+            series.duration.observe(record.elapsed.as_secs_f64());
+        }
+    }
+}
+
+impl HubEvents for Metrics {
+    fn slow_consumer(&self, client: ClientId) {
+        self.slow_consumer_drops.inc();
+        tracing::warn!(client, "outbound queue full: disconnecting slow consumer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_series_exists_from_start_up() {
+        let metrics = Metrics::new("local", &["ping"]).expect("metrics register");
+        let text = metrics.render();
+        for series in [
+            "ws_connections_active",
+            "ws_connections_total",
+            "ws_messages_received_total",
+            "ws_messages_sent_total",
+            "ws_rpc_requests_total{method=\"ping\",outcome=\"ok\"}",
+            "ws_rpc_duration_seconds_bucket{method=\"ping\"",
+            "ws_rate_limited_total",
+            "ws_slow_consumer_drops_total",
+            "ws_pubsub_published_total{adapter=\"local\"}",
+            "ws_pubsub_received_total{adapter=\"local\"}",
+            "ws_pubsub_errors_total{adapter=\"local\"}",
+            "ws_pubsub_connected{adapter=\"local\"}",
+            "ws_pubsub_latency_seconds_bucket{adapter=\"local\"",
+        ] {
+            assert!(text.contains(series), "missing {series}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! End-to-end tests: real WebSocket clients against real servers on port 0.
+
+mod support;
+
+/// Real redis-server / nats-server processes, shared with the adapter tests.
+#[path = "../../../pubsub/tests/support/mod.rs"]
+mod backbone;
+
+mod cluster_backbone;
+
+mod cluster_local;
+mod delivery;
+mod jsonrpc_spec;
+mod process;
+mod transport;
