@@ -19,6 +19,8 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// one (127.0.0.2, 127.0.0.3, ...) is used. Well under the ~28 000 ephemeral
 /// ports a bound source address has.
 pub const CONNS_PER_SOURCE: usize = 10_000;
+/// Source ports are `FIRST_SOURCE_PORT + index % CONNS_PER_SOURCE`.
+const FIRST_SOURCE_PORT: u16 = 40_000;
 
 /// A parsed `ws://host:port/path` target. Only loopback addresses are accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,17 +76,25 @@ impl Target {
         })
     }
 
-    /// The loopback source address for the `index`-th connection overall:
-    /// 127.0.0.2, 127.0.0.3, ... every [`CONNS_PER_SOURCE`] connections, so
-    /// neither ephemeral ports nor the per-address port space run out. IPv6
-    /// targets have a single loopback address and use the kernel's choice.
-    pub fn source_for(&self, index: usize) -> Option<IpAddr> {
+    /// The loopback source address and port for the `index`-th connection
+    /// overall: 127.0.0.2, 127.0.0.3, ... every [`CONNS_PER_SOURCE`]
+    /// connections, so neither ephemeral ports nor the per-address port space
+    /// run out, and a port picked here from the index. `bind` with port 0
+    /// makes the kernel search for a free port, which costs time proportional
+    /// to the ports already taken: at 10 000 connections per address that
+    /// search, not the server, set the accept rate. IPv6 targets have a single
+    /// loopback address and use the kernel's choice.
+    pub fn source_for(&self, index: usize) -> Option<SocketAddr> {
         match self.addr {
             SocketAddr::V4(_) => {
                 let n = 2 + (index / CONNS_PER_SOURCE) as u32;
                 // 127.0.0.2 .. 127.255.255.254
                 let n = n.min(0x00ff_fffe);
-                Some(IpAddr::V4(Ipv4Addr::from(0x7f00_0000u32 | n)))
+                let port = FIRST_SOURCE_PORT + (index % CONNS_PER_SOURCE) as u16;
+                Some(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::from(0x7f00_0000u32 | n)),
+                    port,
+                ))
             }
             SocketAddr::V6(_) => None,
         }
@@ -123,27 +133,46 @@ impl fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
+/// A TCP connection to `addr`, bound to `source` first when given.
+async fn open(addr: SocketAddr, source: Option<SocketAddr>) -> std::io::Result<TcpStream> {
+    let sock = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }?;
+    sock.set_reuseaddr(true)?;
+    if let Some(source) = source {
+        sock.bind(source)?;
+    }
+    sock.connect(addr).await
+}
+
 /// Open a WebSocket to `target`, binding the client socket to `source` first
 /// when given. When `expect_hello`, waits for the `sys.connected` notification
 /// (the first frame a Chorus server sends) and returns its `client_id`.
 pub async fn connect(
     target: &Target,
-    source: Option<IpAddr>,
+    source: Option<SocketAddr>,
     expect_hello: bool,
     timeout: Duration,
 ) -> Result<(Ws, Option<String>), ConnectError> {
     let fut = async {
-        let sock = match target.addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        let stream = match source {
+            Some(source) => match open(target.addr, Some(source)).await {
+                // The chosen port is taken, or its 4-tuple still in TIME_WAIT
+                // from an earlier run against the same server: let the kernel pick.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                    ) =>
+                {
+                    open(target.addr, Some(SocketAddr::new(source.ip(), 0))).await
+                }
+                other => other,
+            },
+            None => open(target.addr, None).await,
         }
         .map_err(ConnectError::Io)?;
-        sock.set_reuseaddr(true).map_err(ConnectError::Io)?;
-        if let Some(ip) = source {
-            sock.bind(SocketAddr::new(ip, 0))
-                .map_err(ConnectError::Io)?;
-        }
-        let stream = sock.connect(target.addr).await.map_err(ConnectError::Io)?;
         stream.set_nodelay(true).map_err(ConnectError::Io)?;
         let (mut ws, _resp) = tokio_tungstenite::client_async_with_config(
             target.url.as_str(),
@@ -367,18 +396,13 @@ mod tests {
     #[test]
     fn spreads_sources() {
         let t = Target::parse("ws://127.0.0.1:1/ws").expect("valid");
-        assert_eq!(t.source_for(0), Some("127.0.0.2".parse().expect("ip")));
+        let at = |index| t.source_for(index).map(|a| a.to_string());
+        assert_eq!(at(0).as_deref(), Some("127.0.0.2:40000"));
+        assert_eq!(at(CONNS_PER_SOURCE - 1).as_deref(), Some("127.0.0.2:49999"));
+        assert_eq!(at(CONNS_PER_SOURCE).as_deref(), Some("127.0.0.3:40000"));
         assert_eq!(
-            t.source_for(CONNS_PER_SOURCE - 1),
-            Some("127.0.0.2".parse().expect("ip"))
-        );
-        assert_eq!(
-            t.source_for(CONNS_PER_SOURCE),
-            Some("127.0.0.3".parse().expect("ip"))
-        );
-        assert_eq!(
-            t.source_for(CONNS_PER_SOURCE * 300),
-            Some("127.0.1.46".parse().expect("ip"))
+            at(CONNS_PER_SOURCE * 300 + 7).as_deref(),
+            Some("127.0.1.46:40007")
         );
         let t6 = Target::parse("ws://[::1]:1/ws").expect("valid");
         assert_eq!(t6.source_for(5), None);

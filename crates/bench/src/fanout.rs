@@ -348,7 +348,7 @@ async fn read_acks(
 async fn subscriber(
     url_idx: usize,
     target: conn::Target,
-    src: Option<std::net::IpAddr>,
+    src: Option<std::net::SocketAddr>,
     c: &Common,
     o: &FanoutOpts,
     shared: &Shared,

@@ -55,6 +55,18 @@ pub trait Backbone: Send + Sync + 'static {
 
     /// Stops receiving `topic`. Idempotent.
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError>;
+
+    /// Publications accepted by [`Backbone::publish`] that never reached the
+    /// backbone (connection lost meanwhile, refused by the server), since start.
+    fn dropped_published(&self) -> u64 {
+        0
+    }
+
+    /// Messages for this replica lost below the adapter because it read them too
+    /// slowly, since start.
+    fn dropped_received(&self) -> u64 {
+        0
+    }
 }
 
 /// A URL (or a comma-separated list of them) as it may appear in logs and error

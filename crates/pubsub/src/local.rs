@@ -23,8 +23,8 @@ struct Member {
     incoming: mpsc::Sender<Incoming>,
 }
 
-/// A message bus shared by the [`LocalBackbone`]s attached to it.
-#[derive(Clone, Default)]
+/// A message bus shared by the [`LocalBackbone`]s attached to it. Starts connected.
+#[derive(Clone)]
 pub struct LocalBus {
     state: Arc<Mutex<BusState>>,
     connected: Arc<AtomicBool>,
@@ -36,11 +36,18 @@ impl std::fmt::Debug for LocalBus {
     }
 }
 
+impl Default for LocalBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl LocalBus {
     pub fn new() -> Self {
-        let bus = Self::default();
-        bus.connected.store(true, Ordering::Release);
-        bus
+        Self {
+            state: Arc::default(),
+            connected: Arc::new(AtomicBool::new(true)),
+        }
     }
 
     /// Attaches a replica; what it receives goes to `incoming`.

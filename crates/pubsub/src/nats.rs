@@ -307,16 +307,6 @@ impl NatsBackbone {
         true
     }
 
-    /// Received messages lost because this replica did not read them fast enough.
-    pub fn dropped_received(&self) -> u64 {
-        self.losses.received.load(Ordering::Relaxed)
-    }
-
-    /// Accepted publications that never reached NATS.
-    pub fn dropped_published(&self) -> u64 {
-        self.losses.published.load(Ordering::Relaxed)
-    }
-
     fn enqueue<T>(queue: &mpsc::Sender<T>, item: T) -> Result<(), PubsubError> {
         queue.try_send(item).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => PubsubError::Backlogged(NAME),
@@ -353,6 +343,14 @@ impl Backbone for NatsBackbone {
             &self.subscriptions,
             SubscriptionOp::Unsubscribe(topic.to_owned()),
         )
+    }
+
+    fn dropped_published(&self) -> u64 {
+        self.losses.published.load(Ordering::Relaxed)
+    }
+
+    fn dropped_received(&self) -> u64 {
+        self.losses.received.load(Ordering::Relaxed)
     }
 }
 

@@ -184,16 +184,6 @@ impl RedisBackbone {
         true
     }
 
-    /// Received messages lost because this replica did not read them fast enough.
-    pub fn dropped_received(&self) -> u64 {
-        self.losses.received.load(Ordering::Relaxed)
-    }
-
-    /// Accepted publications that never reached Redis.
-    pub fn dropped_published(&self) -> u64 {
-        self.losses.published.load(Ordering::Relaxed)
-    }
-
     fn enqueue<T>(queue: &mpsc::Sender<T>, item: T) -> Result<(), PubsubError> {
         queue.try_send(item).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => PubsubError::Backlogged(NAME),
@@ -230,6 +220,14 @@ impl Backbone for RedisBackbone {
             &self.subscriptions,
             SubscriptionOp::Unsubscribe(topic.to_owned()),
         )
+    }
+
+    fn dropped_published(&self) -> u64 {
+        self.losses.published.load(Ordering::Relaxed)
+    }
+
+    fn dropped_received(&self) -> u64 {
+        self.losses.received.load(Ordering::Relaxed)
     }
 }
 

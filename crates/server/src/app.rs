@@ -23,8 +23,11 @@ use crate::config::{Backbone, Config};
 use crate::metrics::Metrics;
 use crate::node::{ClusterNode, Topics};
 
-/// Per-connection read buffer: small, because it is allocated for every idle socket.
-const READ_BUFFER: usize = 4 * 1024;
+/// Per-connection read buffer, allocated up front for every socket, idle or not: it
+/// is the largest per-connection allocation, and 2 KiB holds a burst of typical
+/// requests (bigger frames grow it on demand). 4 KiB cost 2 KiB more per idle
+/// connection for no measurable `rpc` gain (claudedocs/BENCHMARKS.md).
+const READ_BUFFER: usize = 2 * 1024;
 /// Write buffer size past which tungstenite writes to the socket before a flush.
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Messages the backbone may queue for this replica before the adapter waits.
@@ -181,9 +184,15 @@ pub async fn start_with_bus(
     let hub = Arc::new(Hub::new(config.send_buffer, metrics.clone()));
     let backbone = connect_backbone(&config, bus).await?;
     if let Some((backbone, _)) = &backbone {
-        tracing::info!(adapter = backbone.adapter(), "joined the cluster backbone");
+        tracing::info!(
+            adapter = backbone.adapter(),
+            connected = backbone.is_connected(),
+            "cluster backbone configured (reconnects by itself while down)"
+        );
     } else {
-        tracing::info!("pubsub disabled: running standalone");
+        tracing::info!(
+            "no cluster backbone (WS_PUBSUB_ENABLED unset or false, or the adapter's URL empty): running standalone"
+        );
     }
     let node = ClusterNode::start(
         config.node_id.clone(),

@@ -92,10 +92,7 @@ fn ready(app: &App) -> Response<Body> {
 }
 
 fn metrics(app: &App) -> Response<Body> {
-    app.metrics
-        .pubsub
-        .connected
-        .set(i64::from(app.node.backbone_connected().unwrap_or(true)));
+    app.metrics.pubsub.observe(&app.node.backbone_snapshot());
     let mut response = Response::new(Full::new(Bytes::from(app.metrics.render())));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

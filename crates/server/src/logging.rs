@@ -6,9 +6,17 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
 
-/// Installs the global subscriber; a second call (tests) is a no-op.
+/// Installs the global subscriber (and a bridge for crates that log through `log`,
+/// such as fred); a second call (tests) is a no-op.
 pub fn init(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // async-nats logs every connection event at info (one per dropped message in a
+    // slow-consumer storm): quiet it unless the operator asked for it by name.
+    let directives = if config.log_level.contains("async_nats") {
+        config.log_level.clone()
+    } else {
+        format!("{},async_nats=warn", config.log_level)
+    };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal: log files and collectors get plain text.
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()

@@ -35,6 +35,35 @@ pub struct PubsubMetrics {
     pub errors: IntCounter,
     pub connected: IntGauge,
     pub latency: Histogram,
+    /// Losses inside the adapter, by direction: `published` then `received`.
+    dropped: [IntCounter; 2],
+}
+
+/// The adapter's loss totals and the state the `/metrics` scrape reads, kept
+/// together so concurrent scrapes cannot add the same loss twice.
+pub struct BackboneSnapshot {
+    pub connected: bool,
+    pub dropped_published: u64,
+    pub dropped_received: u64,
+}
+
+impl PubsubMetrics {
+    /// Brings the scrape-time series up to the adapter's own counters.
+    pub fn observe(&self, snapshot: &BackboneSnapshot) {
+        self.connected.set(i64::from(snapshot.connected));
+        let totals = [snapshot.dropped_published, snapshot.dropped_received];
+        // One lock for both counters: the read-then-add must not interleave.
+        static SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = SYNC
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (counter, total) in self.dropped.iter().zip(totals) {
+            let missing = total.saturating_sub(counter.get());
+            if missing > 0 {
+                counter.inc_by(missing);
+            }
+        }
+    }
 }
 
 pub struct Metrics {
@@ -148,6 +177,16 @@ impl Metrics {
             &["adapter"],
         )?;
         registry.register(Box::new(latency_vec.clone()))?;
+        let dropped_vec = IntCounterVec::new(
+            Opts::new(
+                "ws_pubsub_dropped_total",
+                "Messages lost inside the backbone adapter: accepted publications that never \
+                 left (direction=published), or messages for this replica it read too slowly \
+                 (direction=received)",
+            ),
+            &["adapter", "direction"],
+        )?;
+        registry.register(Box::new(dropped_vec.clone()))?;
 
         Ok(Self {
             registry,
@@ -163,6 +202,10 @@ impl Metrics {
                 errors,
                 connected: connected_vec.with_label_values(&[adapter]),
                 latency: latency_vec.with_label_values(&[adapter]),
+                dropped: [
+                    dropped_vec.with_label_values(&[adapter, "published"]),
+                    dropped_vec.with_label_values(&[adapter, "received"]),
+                ],
             },
             methods: method_series,
         })
@@ -218,6 +261,8 @@ mod tests {
             "ws_pubsub_errors_total{adapter=\"local\"}",
             "ws_pubsub_connected{adapter=\"local\"}",
             "ws_pubsub_latency_seconds_bucket{adapter=\"local\"",
+            "ws_pubsub_dropped_total{adapter=\"local\",direction=\"published\"}",
+            "ws_pubsub_dropped_total{adapter=\"local\",direction=\"received\"}",
         ] {
             assert!(text.contains(series), "missing {series}");
         }

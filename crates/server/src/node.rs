@@ -11,7 +11,7 @@ use chorus_pubsub::{Backbone, Envelope, Kind, MessageIds, RecentIds, now_ms};
 use chorus_rpc::{Delivery, Node};
 use tokio::sync::{Notify, mpsc};
 
-use crate::metrics::PubsubMetrics;
+use crate::metrics::{BackboneSnapshot, PubsubMetrics};
 
 /// How many recent envelope ids each replica remembers to drop duplicates.
 const RECENT_IDS: usize = 65_536;
@@ -127,6 +127,22 @@ impl ClusterNode {
         self.backbone
             .as_ref()
             .map(|backbone| backbone.is_connected())
+    }
+
+    /// What `/metrics` reports about the backbone; standalone counts as connected.
+    pub fn backbone_snapshot(&self) -> BackboneSnapshot {
+        self.backbone.as_ref().map_or(
+            BackboneSnapshot {
+                connected: true,
+                dropped_published: 0,
+                dropped_received: 0,
+            },
+            |backbone| BackboneSnapshot {
+                connected: backbone.is_connected(),
+                dropped_published: backbone.dropped_published(),
+                dropped_received: backbone.dropped_received(),
+            },
+        )
     }
 
     /// Removes a disconnected client and drops interest in channels it was the last

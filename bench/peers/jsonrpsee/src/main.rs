@@ -129,7 +129,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut module = RpcModule::from_arc(Arc::new(State::default()));
     module.register_method("self.reply", |params, _, _| params.parse::<Value>().unwrap_or(Value::Null))?;
     module.register_method("ping", |_, _, _| "pong")?;
-    module.register_method("publish", |params, state: &Arc<State>, _| {
+    module.register_method("publish", |params: Params<'_>, state, _| {
         let p: PublishParams = params.parse().map_err(|_| bad_params())?;
         if !valid_channel(&p.channel) {
             return Err(bad_params());
@@ -138,7 +138,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         state.publish(Some(&p.channel), payload);
         Ok::<_, ErrorObjectOwned>(json!({"channel": p.channel}))
     })?;
-    module.register_method("broadcast", |params, state: &Arc<State>, _| {
+    module.register_method("broadcast", |params: Params<'_>, state, _| {
         let v: Value = params.parse().map_err(|_| bad_params())?;
         if !v.is_object() {
             return Err(bad_params());

@@ -285,3 +285,35 @@ async fn redis_prefixes_keep_clusters_apart() {
 async fn nats_prefixes_keep_clusters_apart() {
     clusters_with_different_prefixes_stay_apart(Kind::Nats).await;
 }
+
+/// A publication the backbone refuses after the adapter accepted it (NATS'
+/// default `max_payload` is 1 MB) is not lost silently: `/metrics` counts it.
+#[tokio::test]
+async fn nats_publication_over_max_payload_is_counted_as_dropped() {
+    let backbone = Server::start(Kind::Nats);
+    let url = backbone.url();
+    let vars = [
+        ("WS_PUBSUB_ENABLED", "true"),
+        ("WS_PUBSUB_ADAPTER", "nats"),
+        ("WS_NATS_URL", url.as_str()),
+        ("WS_MAX_MESSAGE_SIZE", "2MiB"),
+    ];
+    let server = ServerProcess::spawn(&vars).await;
+    let addr = server.addr;
+    eventually("the replica to join the backbone", || async move {
+        http_get(addr, "/ready").await.0 == 200
+    })
+    .await;
+    let dropped = r#"ws_pubsub_dropped_total{adapter="nats",direction="published"}"#;
+    assert_eq!(metric(addr, dropped).await, 0.0);
+
+    let mut client = Client::connect_url(&ws_url(addr)).await;
+    let big = "x".repeat(1_100_000);
+    client
+        .ok("publish", json!({"channel": "big", "data": big}))
+        .await;
+    eventually("the refused publication to be counted", || async move {
+        metric(addr, dropped).await == 1.0
+    })
+    .await;
+}
