@@ -181,7 +181,15 @@ fn ratio_worthy(metric: &str) -> bool {
     metric.ends_with("_per_s") || metric.contains("latency_") || metric.contains("rss_per_conn")
 }
 
-const SCENARIO_ORDER: [&str; 6] = ["idle", "idle3", "rpc", "fanout", "paced", "cluster"];
+const SCENARIO_ORDER: [&str; 7] = [
+    "idle",
+    "idle3",
+    "rpc",
+    "fanout",
+    "paced",
+    "cluster",
+    "clusterlite",
+];
 
 /// Display order of metrics in the Markdown tables (JSON objects come back
 /// sorted by name): rates, memory, latencies (all, local, remote; p50, p99,

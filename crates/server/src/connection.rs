@@ -25,6 +25,10 @@ pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Stop adding frames to a batch past this many bytes, then flush.
 const BATCH_BYTES: usize = 64 * 1024;
+/// Inbound messages handled back to back before queued replies are written anyway.
+/// Reading first lets one write carry the replies to everything a single read
+/// brought in; the bound keeps a client that never pauses from starving its writer.
+const READS_BEFORE_WRITE: u32 = 64;
 /// How long the close handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -64,17 +68,32 @@ pub async fn run(mut ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSl
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
 
+    let mut reads_since_write = 0u32;
     let ending = loop {
-        tokio::select! {
-            outgoing = outbox.next() => match outgoing {
-                Outgoing::Frame(frame) => {
+        if reads_since_write >= READS_BEFORE_WRITE {
+            reads_since_write = 0;
+            // A pending close makes `next` ready at once; otherwise take what is queued.
+            let outgoing = if outbox.pending_close().is_some() {
+                Some(outbox.next().await)
+            } else {
+                outbox.try_next().map(Outgoing::Frame)
+            };
+            match outgoing {
+                Some(Outgoing::Frame(frame)) => {
                     if let Err(ending) = write_batch(&mut ws, frame, &mut outbox, &app).await {
                         break ending;
                     }
                 }
-                Outgoing::Close(reason) => break close_for(reason),
-            },
+                Some(Outgoing::Close(reason)) => break close_for(reason),
+                None => {}
+            }
+        }
+        tokio::select! {
+            // Inbound first: the writer runs once nothing more is readable right now,
+            // so replies to one read go out in one write (or every READS_BEFORE_WRITE).
+            biased;
             inbound = ws.next() => {
+                reads_since_write += 1;
                 last_heard = Instant::now();
                 match inbound {
                     Some(Ok(Message::Text(text))) => {
@@ -108,6 +127,15 @@ pub async fn run(mut ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSl
                     Some(Err(err)) => break ending_for(&err),
                     None => break Ending::Gone,
                 }
+            },
+            outgoing = outbox.next() => match outgoing {
+                Outgoing::Frame(frame) => {
+                    reads_since_write = 0;
+                    if let Err(ending) = write_batch(&mut ws, frame, &mut outbox, &app).await {
+                        break ending;
+                    }
+                }
+                Outgoing::Close(reason) => break close_for(reason),
             },
             _ = keepalive.tick() => {
                 if last_heard.elapsed() > config.pong_timeout {
