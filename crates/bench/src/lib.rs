@@ -10,6 +10,7 @@ pub mod conn;
 pub mod fanout;
 pub mod idle;
 pub mod progress;
+pub mod replicas;
 pub mod report;
 pub mod rpc;
 pub mod stats;

@@ -4,6 +4,7 @@ use chorus_bench::Common;
 use chorus_bench::conn::Target;
 use chorus_bench::fanout::{self, FanoutOpts};
 use chorus_bench::idle::{self, IdleOpts, WorkerOpts};
+use chorus_bench::replicas;
 use chorus_bench::report::{self, Report};
 use chorus_bench::rpc::{self, RpcOpts};
 use std::path::PathBuf;
@@ -30,8 +31,12 @@ COMMON OPTIONS:
   --connect-timeout S   bound on one connect + upgrade + hello      [15]
   --timeout S           hard bound on the whole run (exit 3)        [600]
 
-idle:     --conns N (19000 x replicas)  --replicas R  --server-pid PID (repeat)
+idle:     --conns N (19000 x replicas)  --server-pid PID (repeat)
           --per-worker N (10000, one process per N connections)  --hold S (2)
+          --replicas R: with --url, R URLs to spread over; without, start R chorus
+          processes here (--server-bin PATH [the chorus beside chorus-bench],
+          --backbone redis://... or nats://... [none: standalone]), measure
+          their RSS, and stop them at the end
 fanout:   --subs N (10000)  --messages M (200)  --rate PER_S (50, 0 = flat out)
           --payload BYTES (64)  --channel NAME  --warmup S (15)  --drain S (3)
 rpc:      --conns K (100)  --depth D (10)  --requests N per conn (2000)
@@ -59,6 +64,8 @@ struct Args {
     per_worker: Option<usize>,
     hold: Option<f64>,
     index_base: usize,
+    server_bin: Option<PathBuf>,
+    backbone: Option<String>,
     // fanout / cluster
     subs: Option<usize>,
     subs_per_replica: Option<usize>,
@@ -114,6 +121,8 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("per-worker") => a.per_worker = Some(p.value()?.parse()?),
             Long("hold") => a.hold = Some(p.value()?.parse()?),
             Long("index-base") => a.index_base = p.value()?.parse()?,
+            Long("server-bin") => a.server_bin = Some(p.value()?.parse()?),
+            Long("backbone") => a.backbone = Some(p.value()?.parse()?),
             Long("subs") => a.subs = Some(p.value()?.parse()?),
             Long("subs-per-replica") => a.subs_per_replica = Some(p.value()?.parse()?),
             Long("messages") => a.messages = Some(p.value()?.parse()?),
@@ -323,6 +332,29 @@ async fn main() -> ExitCode {
             }
         };
     }
+    // `idle --replicas R` without URLs: the servers are ours to start and stop.
+    let mut a = a;
+    let _replicas = match (a.cmd.as_str(), a.replicas) {
+        ("idle", Some(count)) if a.urls.is_empty() && count > 0 => {
+            let Some(bin) = a.server_bin.clone().or_else(replicas::default_server_bin) else {
+                eprintln!("chorus-bench: cannot locate chorus; pass --server-bin");
+                return ExitCode::from(2);
+            };
+            match replicas::spawn(&bin, count, a.backbone.as_deref()).await {
+                Ok(started) => {
+                    a.urls = started.targets.iter().map(|t| t.url.clone()).collect();
+                    a.server_pids.clone_from(&started.pids);
+                    Some(started)
+                }
+                Err(e) => {
+                    eprintln!("chorus-bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    let a = a;
     let c = match common(&a) {
         Ok(c) => c,
         Err(e) => {
