@@ -86,3 +86,23 @@ async fn draining_turns_ready_to_503() {
         .expect("status");
     assert_eq!(status.code(), Some(0));
 }
+
+/// `WS_PUBSUB_ENABLED=true` with the `local` adapter is a one-process cluster: ready,
+/// and publications answered normally (it once reported its bus as down forever).
+#[tokio::test]
+async fn enabled_local_adapter_is_ready_and_publishes() {
+    let server = ServerProcess::spawn(&[
+        ("WS_PUBSUB_ENABLED", "true"),
+        ("WS_PUBSUB_ADAPTER", "local"),
+    ])
+    .await;
+    assert_eq!(http_get(server.addr, "/ready").await.0, 200);
+    let health: serde_json::Value =
+        serde_json::from_str(&http_get(server.addr, "/health").await.1).expect("JSON");
+    assert_eq!(health["status"], "ok", "{health}");
+    let mut client = Client::connect_url(&ws_url(server.addr)).await;
+    client.ok("broadcast", json!({"text": "hi"})).await;
+    client
+        .ok("publish", json!({"channel": "items:1", "data": 1}))
+        .await;
+}
