@@ -78,19 +78,14 @@ pub async fn run(mut ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSl
             } else {
                 outbox.try_next().map(Outgoing::Frame)
             };
-            match outgoing {
-                Some(Outgoing::Frame(frame)) => {
-                    if let Err(ending) = write_batch(&mut ws, frame, &mut outbox, &app).await {
-                        break ending;
-                    }
-                }
-                Some(Outgoing::Close(reason)) => break close_for(reason),
-                None => {}
+            if let Some(outgoing) = outgoing
+                && let Err(ending) = send(&mut ws, outgoing, &mut outbox, &app).await
+            {
+                break ending;
             }
         }
         tokio::select! {
-            // Inbound first: the writer runs once nothing more is readable right now,
-            // so replies to one read go out in one write (or every READS_BEFORE_WRITE).
+            // Inbound first: see READS_BEFORE_WRITE.
             biased;
             inbound = ws.next() => {
                 reads_since_write += 1;
@@ -128,14 +123,11 @@ pub async fn run(mut ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSl
                     None => break Ending::Gone,
                 }
             },
-            outgoing = outbox.next() => match outgoing {
-                Outgoing::Frame(frame) => {
-                    reads_since_write = 0;
-                    if let Err(ending) = write_batch(&mut ws, frame, &mut outbox, &app).await {
-                        break ending;
-                    }
+            outgoing = outbox.next() => {
+                reads_since_write = 0;
+                if let Err(ending) = send(&mut ws, outgoing, &mut outbox, &app).await {
+                    break ending;
                 }
-                Outgoing::Close(reason) => break close_for(reason),
             },
             _ = keepalive.tick() => {
                 if last_heard.elapsed() > config.pong_timeout {
@@ -159,6 +151,20 @@ pub async fn run(mut ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSl
         close(&mut ws, code, reason).await;
     }
     drop(slot);
+}
+
+/// Writes a frame (with whatever else is queued), or turns a close request into the
+/// loop's ending.
+async fn send(
+    ws: &mut WsStream,
+    outgoing: Outgoing,
+    outbox: &mut Outbox,
+    app: &App,
+) -> Result<(), Ending> {
+    match outgoing {
+        Outgoing::Frame(frame) => write_batch(ws, frame, outbox, app).await,
+        Outgoing::Close(reason) => Err(close_for(reason)),
+    }
 }
 
 /// Writes `first` and whatever else is already queued, then flushes once.
