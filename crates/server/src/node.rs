@@ -15,6 +15,8 @@ use crate::metrics::{BackboneSnapshot, PubsubMetrics};
 
 /// How many recent envelope ids each replica remembers to drop duplicates.
 const RECENT_IDS: usize = 65_536;
+/// Pause before a refused backbone (un)subscription is tried again.
+const INTEREST_RETRY: Duration = Duration::from_millis(200);
 
 /// Topic names for one cluster: the broadcast topic is the prefix itself, and a
 /// channel's topic is `prefix/channel`. The prefix cannot contain `/`, so no channel
@@ -288,12 +290,13 @@ async fn reconcile_interest(
     loop {
         changes.wake.notified().await;
         let Some(node) = node.upgrade() else { return };
+        let mut failed = Vec::new();
         for channel in changes.take() {
             let wanted = node.hub.has_subscribers(&channel);
             let topic = node.topics.channel(&channel);
             let result = match (wanted, held.contains(&channel)) {
                 (true, false) => backbone.subscribe(&topic).map(|()| {
-                    held.insert(channel);
+                    held.insert(Arc::clone(&channel));
                 }),
                 (false, true) => backbone.unsubscribe(&topic).map(|()| {
                     held.remove(&channel);
@@ -302,7 +305,17 @@ async fn reconcile_interest(
             };
             if let Err(err) = result {
                 node.metrics.errors.inc();
-                tracing::error!(%err, topic, "could not change the backbone subscription");
+                tracing::warn!(%err, topic, "could not change the backbone subscription; retrying");
+                failed.push(channel);
+            }
+        }
+        drop(node);
+        // A refused change (the adapter's queue full) is not forgotten: without a
+        // retry the channel would stay unsubscribed until its interest changed again.
+        if !failed.is_empty() {
+            tokio::time::sleep(INTEREST_RETRY).await;
+            for channel in failed {
+                changes.mark(&channel);
             }
         }
     }
@@ -312,4 +325,82 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use chorus_hub::{Hub, Identity};
+    use chorus_pubsub::PubsubError;
+    use chorus_rpc::Node as _;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// Refuses the first `refusals` subscriptions as a full adapter queue would, then
+    /// accepts; reports each accepted topic.
+    struct RefusingBackbone {
+        refusals: AtomicUsize,
+        subscribed: mpsc::UnboundedSender<String>,
+    }
+
+    impl Backbone for RefusingBackbone {
+        fn adapter(&self) -> &'static str {
+            "refusing"
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
+        fn publish(&self, _topic: &str, _payload: Bytes) -> Result<(), PubsubError> {
+            Ok(())
+        }
+        fn subscribe(&self, topic: &str) -> Result<(), PubsubError> {
+            let left = self.refusals.load(Ordering::Acquire);
+            if left > 0 {
+                self.refusals.store(left - 1, Ordering::Release);
+                return Err(PubsubError::Backlogged("refusing"));
+            }
+            let _ = self.subscribed.send(topic.to_owned());
+            Ok(())
+        }
+        fn unsubscribe(&self, _topic: &str) -> Result<(), PubsubError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_subscription_is_retried() {
+        let metrics = Arc::new(Metrics::new("refusing", &[]).expect("metrics"));
+        let hub = Arc::new(Hub::new(16, metrics.clone()));
+        let (subscribed, mut accepted) = mpsc::unbounded_channel();
+        // The broadcast topic is subscribed at start; the channel's first attempt fails.
+        let backbone = Arc::new(RefusingBackbone {
+            refusals: AtomicUsize::new(0),
+            subscribed,
+        });
+        let (_incoming_tx, incoming) = mpsc::channel(1);
+        let node = ClusterNode::start(
+            "node".into(),
+            Arc::clone(&hub),
+            Some((backbone.clone() as Arc<dyn Backbone>, incoming)),
+            Topics::new("test"),
+            metrics.pubsub.clone(),
+        );
+        assert_eq!(accepted.recv().await.as_deref(), Some("test"));
+
+        backbone.refusals.store(1, Ordering::Release);
+        let (client, _outbox) = hub.create_client(Identity::default());
+        hub.register(&client);
+        assert!(node.subscribe(&client, "items:42"));
+        let retried = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+            .await
+            .expect("the refused subscription is tried again");
+        assert_eq!(retried.as_deref(), Some("test/items:42"));
+        assert_eq!(
+            backbone.refusals.load(Ordering::Acquire),
+            0,
+            "first attempt was refused"
+        );
+    }
 }
