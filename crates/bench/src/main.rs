@@ -309,7 +309,7 @@ fn collect_json(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Resul
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let a = match parse_args() {
+    let mut a = match parse_args() {
         Ok(a) if !a.cmd.is_empty() => a,
         Ok(_) => {
             eprint!("{USAGE}");
@@ -333,7 +333,6 @@ async fn main() -> ExitCode {
         };
     }
     // `idle --replicas R` without URLs: the servers are ours to start and stop.
-    let mut a = a;
     let _replicas = match (a.cmd.as_str(), a.replicas) {
         ("idle", Some(count)) if a.urls.is_empty() && count > 0 => {
             let Some(bin) = a.server_bin.clone().or_else(replicas::default_server_bin) else {
@@ -354,7 +353,6 @@ async fn main() -> ExitCode {
         }
         _ => None,
     };
-    let a = a;
     let c = match common(&a) {
         Ok(c) => c,
         Err(e) => {

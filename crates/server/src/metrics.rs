@@ -39,8 +39,8 @@ pub struct PubsubMetrics {
     dropped: [IntCounter; 2],
 }
 
-/// The adapter's loss totals and the state the `/metrics` scrape reads, kept
-/// together so concurrent scrapes cannot add the same loss twice.
+/// What a `/metrics` scrape reads from the backbone: its connection state and the
+/// adapter's own loss totals since start.
 pub struct BackboneSnapshot {
     pub connected: bool,
     pub dropped_published: u64,
