@@ -2,18 +2,22 @@
 //!
 //! This file is also compiled, by path, into `crates/rpc/tests/parser_robustness.rs`,
 //! so a plain `cargo test` runs the very same checks over the seed corpus and its
-//! mutations: keep it free of anything but `std`, `chorus_rpc`, `chorus_hub` and
-//! `serde_json`.
+//! mutations: keep it free of anything but `std`, `chorus_rpc`, `chorus_hub`,
+//! `chorus_gate` and `serde_json`.
 
 use std::sync::{Arc, OnceLock};
 
+use chorus_gate::{Gate, Limits};
 use chorus_hub::{ClientHandle, Frame, Hub, Identity, NoEvents};
-use chorus_rpc::{Context, Delivery, Entry, Message, NoObserver, Node, Router, parse};
+use chorus_rpc::{
+    Caller, Context, Delivery, Entry, Handled, Message, NoObserver, Node, Router, Services,
+    Subscribed, parse_with_limit,
+};
 use serde_json::Value;
 
-/// Outbound queue length of the fuzzed client: large enough that a batch of
+/// Send budget of the fuzzed client, in bytes: large enough that a batch of
 /// broadcasts is rarely cut short by the slow-consumer rule (which is fine either way).
-const QUEUE_LEN: usize = 1024;
+const SEND_BUDGET: usize = 1 << 20;
 
 /// One replica whose hub is the whole cluster, as in the handler tests.
 struct HubNode {
@@ -29,8 +33,9 @@ impl Node for HubNode {
         self.hub.publish(channel, &frame);
         Delivery::Cluster
     }
-    fn subscribe(&self, client: &ClientHandle, channel: &str) -> bool {
-        self.hub.subscribe(client, channel).added
+    fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed {
+        self.hub.subscribe(client, channel);
+        Subscribed::Cluster
     }
     fn unsubscribe(&self, client: &ClientHandle, channel: &str) -> bool {
         self.hub.unsubscribe(client, channel).removed
@@ -49,18 +54,39 @@ pub fn check(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let owed = replies_owed(&parse(text));
+    // Publish budgets off, so that the same input always gets the same answers.
+    let gate = Arc::new(Gate::new(Limits {
+        publish_rate: None,
+        publish_bytes: None,
+        publish_rate_total: None,
+        publish_bytes_total: None,
+        ..Limits::default()
+    }));
+    let owed = replies_owed(&parse_with_limit(text, gate.limits().max_batch));
 
-    let node = HubNode {
-        hub: Hub::new(QUEUE_LEN, Arc::new(NoEvents)),
-    };
+    let node = Arc::new(HubNode {
+        hub: Hub::new(SEND_BUDGET, Arc::new(NoEvents)),
+    });
     let (client, mut outbox) = node.hub.create_client(Identity::default());
     node.hub.register(&client);
+    let caller = Arc::new(Caller::new(client, gate.connection()));
+    let services = Arc::new(Services {
+        node: node.clone(),
+        gate,
+        observer: Arc::new(NoObserver),
+    });
     let cx = Context {
-        client: &client,
-        node: &node,
+        services: &services,
+        caller: &caller,
     };
-    let reply = router().handle(text, &cx, &NoObserver);
+    let reply = match router().handle(text, &cx) {
+        Handled::Nothing => None,
+        Handled::Now(reply) => Some(reply),
+        other => fail(
+            text,
+            &format!("only answers now are expected here: {other:?}"),
+        ),
+    };
 
     // Params are forwarded verbatim, so an input that is JSON only by the RFC's grammar
     // (a lone surrogate escape, which serde_json's `Value` refuses) yields output that
@@ -119,7 +145,7 @@ fn replies_owed(message: &Message<'_>) -> Owed {
         Entry::Invalid { .. } => true,
     };
     match message {
-        Message::Rejected(_) => Owed::One,
+        Message::Rejected(_) | Message::TooLong(_) => Owed::One,
         Message::Single(entry) if answered(entry) => Owed::One,
         Message::Single(_) => Owed::Nothing,
         Message::Batch(entries) => match entries.iter().filter(|entry| answered(entry)).count() {

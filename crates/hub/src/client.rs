@@ -1,17 +1,20 @@
-//! One connected client as the rest of the server sees it: an id, an identity, and a
-//! bounded outbound queue that never makes the sender wait.
+//! One connected client as the rest of the server sees it: an id, an identity, and an
+//! outbound queue bounded in bytes that never makes the sender wait.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio::sync::{Notify, mpsc};
+use std::task::{Context, Poll, Waker};
 
 use crate::frame::Frame;
 use crate::hub::HubEvents;
 
 /// Process-unique client number, assigned by the [`Hub`](crate::Hub).
 pub type ClientId = u64;
+
+/// Queue capacity kept after a burst drains; a larger one is given back, so a burst
+/// does not pin memory on every connection that lived through it.
+const IDLE_QUEUE_CAPACITY: usize = 64;
 
 /// Who a client is, when authentication says so. Empty for anonymous clients.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,14 +23,14 @@ pub struct Identity {
     pub device: Option<Arc<str>>,
 }
 
-/// Why the server ends a connection. The numeric value is the WebSocket close code.
+/// Why the server ends a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum CloseReason {
-    /// The outbound queue overflowed (close code 1013): queued frames are discarded.
-    SlowConsumer = 1,
+    /// The outbound queue went over its byte budget (close code 1013): queued frames
+    /// are discarded.
+    SlowConsumer,
     /// The server is shutting down (close code 1001): queued frames are sent first.
-    Shutdown = 2,
+    Shutdown,
 }
 
 impl CloseReason {
@@ -42,31 +45,35 @@ impl CloseReason {
     pub fn flushes_queue(self) -> bool {
         matches!(self, Self::Shutdown)
     }
-
-    fn from_u8(value: u8) -> Option<Self> {
-        match value {
-            1 => Some(Self::SlowConsumer),
-            2 => Some(Self::Shutdown),
-            _ => None,
-        }
-    }
 }
 
 /// Why a frame was not queued.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SendError {
-    #[error("client outbound queue is full; the client is being disconnected")]
-    QueueFull,
+    #[error("client outbound queue is over its byte budget; the client is being disconnected")]
+    OverBudget,
     #[error("client is closing")]
     Closed,
+}
+
+/// The outbound queue and what the connection must learn from it.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    /// Bytes of the queued frames: what this client still owes, whoever else shares
+    /// the same buffers.
+    owed: usize,
+    close: Option<CloseReason>,
+    /// The connection task, when it found nothing to do.
+    waker: Option<Waker>,
 }
 
 pub(crate) struct ClientShared {
     pub(crate) id: ClientId,
     identity: Identity,
-    queue: mpsc::Sender<Frame>,
-    close_reason: AtomicU8,
-    close_signal: Notify,
+    /// Most bytes the queue may hold (`WS_SEND_BUFFER`).
+    budget: usize,
+    queue: Mutex<Queue>,
     /// Channels this client is subscribed to, so a disconnect can clean the index.
     pub(crate) channels: Mutex<HashSet<Arc<str>>>,
     events: Arc<dyn HubEvents>,
@@ -90,21 +97,18 @@ impl ClientHandle {
     pub(crate) fn new(
         id: ClientId,
         identity: Identity,
-        queue_len: usize,
+        budget: usize,
         events: Arc<dyn HubEvents>,
     ) -> (Self, Outbox) {
-        let (queue, receiver) = mpsc::channel(queue_len.max(1));
         let shared = Arc::new(ClientShared {
             id,
             identity,
-            queue,
-            close_reason: AtomicU8::new(0),
-            close_signal: Notify::new(),
+            budget: budget.max(1),
+            queue: Mutex::default(),
             channels: Mutex::new(HashSet::new()),
             events,
         });
         let outbox = Outbox {
-            receiver,
             shared: Arc::clone(&shared),
         };
         (Self { shared }, outbox)
@@ -118,41 +122,59 @@ impl ClientHandle {
         &self.shared.identity
     }
 
-    /// Queues a frame without waiting. A full queue marks the client as a slow
-    /// consumer: it is disconnected with 1013 and nobody else is held up by it.
+    /// The byte budget of this client's queue.
+    pub fn budget(&self) -> usize {
+        self.shared.budget
+    }
+
+    /// Queues a frame without waiting. A frame that would take the queue over its
+    /// byte budget marks the client a slow consumer: it is disconnected with 1013, its
+    /// queue is discarded, and nobody else is held up by it.
     pub fn send(&self, frame: Frame) -> Result<(), SendError> {
-        if self.closing().is_some() {
+        let mut queue = lock(&self.shared.queue);
+        if queue.close.is_some() {
             return Err(SendError::Closed);
         }
-        match self.shared.queue.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(CloseReason::SlowConsumer) {
-                    self.shared.events.slow_consumer(self.shared.id);
-                }
-                Err(SendError::QueueFull)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+        let len = frame.len();
+        if queue.owed + len > self.shared.budget {
+            queue.close = Some(CloseReason::SlowConsumer);
+            queue.frames = VecDeque::new();
+            queue.owed = 0;
+            let waker = queue.waker.take();
+            drop(queue);
+            wake(waker);
+            self.shared.events.slow_consumer(self.shared.id);
+            return Err(SendError::OverBudget);
         }
+        queue.frames.push_back(frame);
+        queue.owed += len;
+        let waker = queue.waker.take();
+        drop(queue);
+        wake(waker);
+        Ok(())
     }
 
     /// Asks the client's connection to close. Only the first reason counts; returns
     /// whether this call was the one that set it.
     pub fn close(&self, reason: CloseReason) -> bool {
-        let set = self
-            .shared
-            .close_reason
-            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if set {
-            self.shared.close_signal.notify_one();
+        let mut queue = lock(&self.shared.queue);
+        if queue.close.is_some() {
+            return false;
         }
-        set
+        queue.close = Some(reason);
+        if !reason.flushes_queue() {
+            queue.frames = VecDeque::new();
+            queue.owed = 0;
+        }
+        let waker = queue.waker.take();
+        drop(queue);
+        wake(waker);
+        true
     }
 
     /// The reason the client is closing, if it is.
     pub fn closing(&self) -> Option<CloseReason> {
-        CloseReason::from_u8(self.shared.close_reason.load(Ordering::Acquire))
+        lock(&self.shared.queue).close
     }
 
     /// Whether the client is subscribed to `channel`.
@@ -160,12 +182,13 @@ impl ClientHandle {
         self.channels().contains(channel)
     }
 
+    /// How many channels the client is subscribed to.
+    pub fn subscription_count(&self) -> usize {
+        self.channels().len()
+    }
+
     pub(crate) fn channels(&self) -> MutexGuard<'_, HashSet<Arc<str>>> {
-        // A poisoned set is still a valid set: a panic elsewhere must not wedge cleanup.
-        self.shared
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shared.channels)
     }
 }
 
@@ -178,7 +201,6 @@ pub enum Outgoing {
 
 /// The receiving end of a client's queue, owned by its connection task.
 pub struct Outbox {
-    receiver: mpsc::Receiver<Frame>,
     shared: Arc<ClientShared>,
 }
 
@@ -191,53 +213,119 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    /// Waits for the next frame or a close request. A close that flushes the queue
-    /// yields the queued frames first. Cancel-safe.
-    pub async fn next(&mut self) -> Outgoing {
-        loop {
-            if let Some(reason) =
-                CloseReason::from_u8(self.shared.close_reason.load(Ordering::Acquire))
-            {
-                if reason.flushes_queue()
-                    && let Ok(frame) = self.receiver.try_recv()
-                {
-                    return Outgoing::Frame(frame);
-                }
-                return Outgoing::Close(reason);
-            }
-            tokio::select! {
-                biased;
-                () = self.shared.close_signal.notified() => continue,
-                frame = self.receiver.recv() => match frame {
-                    Some(frame) => return Outgoing::Frame(frame),
-                    // Unreachable while `shared` holds the sender; treat as a shutdown.
-                    None => return Outgoing::Close(CloseReason::Shutdown),
-                },
-            }
+    /// The next frame, or the close to perform: a close that flushes the queue yields
+    /// the queued frames first. Registers the task to be woken when neither is there.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Outgoing> {
+        let mut queue = lock(&self.shared.queue);
+        if let Some(frame) = Self::pop(&mut queue) {
+            return Poll::Ready(Outgoing::Frame(frame));
         }
+        if let Some(reason) = queue.close {
+            return Poll::Ready(Outgoing::Close(reason));
+        }
+        if !queue
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            queue.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Waits for the next frame or a close request.
+    pub async fn next(&mut self) -> Outgoing {
+        poll_fn(|cx| self.poll_next(cx)).await
     }
 
     /// A frame that is already queued, without waiting; `None` once a close is
-    /// pending that discards the queue. Lets the writer batch frames before a flush.
+    /// pending that discards the queue.
     pub fn try_next(&mut self) -> Option<Frame> {
-        match self.pending_close() {
-            Some(reason) if !reason.flushes_queue() => None,
-            _ => self.receiver.try_recv().ok(),
-        }
+        Self::pop(&mut lock(&self.shared.queue))
     }
 
     /// The close requested for this client, if any.
     pub fn pending_close(&self) -> Option<CloseReason> {
-        CloseReason::from_u8(self.shared.close_reason.load(Ordering::Acquire))
+        lock(&self.shared.queue).close
     }
 
-    /// Resolves once a close has been requested. Cancel-safe.
-    pub async fn close_requested(&self) -> CloseReason {
-        loop {
-            if let Some(reason) = self.pending_close() {
-                return reason;
-            }
-            self.shared.close_signal.notified().await;
+    /// Bytes queued and not yet taken by the writer.
+    pub fn owed(&self) -> usize {
+        lock(&self.shared.queue).owed
+    }
+
+    fn pop(queue: &mut Queue) -> Option<Frame> {
+        let frame = queue.frames.pop_front()?;
+        queue.owed -= frame.len();
+        if queue.frames.is_empty() && queue.frames.capacity() > IDLE_QUEUE_CAPACITY {
+            queue.frames = VecDeque::new();
         }
+        Some(frame)
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+// Every mutation under these locks is a single push, pop or insert: a panic elsewhere
+// leaves them consistent, so poisoning is not a reason to stop serving.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::NoEvents;
+
+    fn client(budget: usize) -> (ClientHandle, Outbox) {
+        ClientHandle::new(1, Identity::default(), budget, Arc::new(NoEvents))
+    }
+
+    #[test]
+    fn the_budget_counts_bytes_not_frames() {
+        let (client, mut outbox) = client(10);
+        for _ in 0..5 {
+            client.send(Frame::from_static("ab")).expect("fits");
+        }
+        assert_eq!(outbox.owed(), 10);
+        assert_eq!(outbox.try_next(), Some(Frame::from_static("ab")));
+        client.send(Frame::from_static("cd")).expect("room again");
+        assert_eq!(
+            client.send(Frame::from_static("e")),
+            Err(SendError::OverBudget)
+        );
+        assert_eq!(client.closing(), Some(CloseReason::SlowConsumer));
+        assert_eq!(outbox.try_next(), None, "the queue is discarded");
+        assert_eq!(outbox.owed(), 0);
+        assert_eq!(client.send(Frame::from_static("x")), Err(SendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_is_woken_by_a_frame() {
+        let (client, mut outbox) = client(100);
+        let sender = client.clone();
+        let writer = tokio::spawn(async move { outbox.next().await });
+        tokio::task::yield_now().await;
+        sender.send(Frame::from_static("hi")).expect("fits");
+        assert_eq!(
+            writer.await.expect("joins"),
+            Outgoing::Frame(Frame::from_static("hi"))
+        );
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let (client, mut outbox) = client(1 << 20);
+        for _ in 0..1000 {
+            client.send(Frame::from_static("x")).expect("fits");
+        }
+        while outbox.try_next().is_some() {}
+        assert!(lock(&outbox.shared.queue).frames.capacity() <= IDLE_QUEUE_CAPACITY);
     }
 }

@@ -15,7 +15,7 @@ const SHARDS: usize = 32;
 
 /// Things the hub notices that the server wants to count. Methods must not block.
 pub trait HubEvents: Send + Sync + 'static {
-    /// A client overflowed its queue and is being disconnected.
+    /// A client went over its queue's byte budget and is being disconnected.
     fn slow_consumer(&self, _client: ClientId) {}
 }
 
@@ -52,7 +52,7 @@ pub struct Hub {
     channels: Box<[ChannelShard]>,
     next_id: AtomicU64,
     connected: AtomicUsize,
-    queue_len: usize,
+    send_budget: usize,
     events: Arc<dyn HubEvents>,
 }
 
@@ -60,20 +60,20 @@ impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("clients", &self.len())
-            .field("queue_len", &self.queue_len)
+            .field("send_budget", &self.send_budget)
             .finish()
     }
 }
 
 impl Hub {
-    /// `queue_len` is every client's outbound queue capacity (`WS_SEND_BUFFER`).
-    pub fn new(queue_len: usize, events: Arc<dyn HubEvents>) -> Self {
+    /// `send_budget` is every client's outbound queue budget in bytes (`WS_SEND_BUFFER`).
+    pub fn new(send_budget: usize, events: Arc<dyn HubEvents>) -> Self {
         Self {
             clients: (0..SHARDS).map(|_| RwLock::default()).collect(),
             channels: (0..SHARDS).map(|_| RwLock::default()).collect(),
             next_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
-            queue_len,
+            send_budget,
             events,
         }
     }
@@ -82,7 +82,7 @@ impl Hub {
     /// what must arrive first (e.g. a greeting), then call [`Hub::register`].
     pub fn create_client(&self, identity: Identity) -> (ClientHandle, Outbox) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        ClientHandle::new(id, identity, self.queue_len, Arc::clone(&self.events))
+        ClientHandle::new(id, identity, self.send_budget, Arc::clone(&self.events))
     }
 
     /// Makes the client reachable by broadcasts.
@@ -256,8 +256,8 @@ mod tests {
     use super::*;
     use crate::client::Outgoing;
 
-    fn hub(queue: usize) -> Hub {
-        Hub::new(queue, Arc::new(NoEvents))
+    fn hub(budget: usize) -> Hub {
+        Hub::new(budget, Arc::new(NoEvents))
     }
 
     fn connect(hub: &Hub) -> (ClientHandle, Outbox) {
@@ -275,8 +275,7 @@ mod tests {
         for (_, outbox) in &mut clients {
             match outbox.next().await {
                 Outgoing::Frame(got) => {
-                    assert_eq!(got, frame);
-                    assert_eq!(got.as_bytes().as_ptr(), frame.as_bytes().as_ptr());
+                    assert!(got.ptr_eq(&frame));
                 }
                 other => panic!("expected a frame, got {other:?}"),
             }
@@ -324,6 +323,7 @@ mod tests {
             }
         }
         let events = Arc::new(Count(AtomicUsize::new(0)));
+        // Two one-byte frames fit; the third is over the budget.
         let hub = Hub::new(2, events.clone());
         let (slow, mut slow_out) = connect(&hub);
         let (_fast, mut fast_out) = connect(&hub);

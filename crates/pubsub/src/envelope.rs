@@ -39,6 +39,9 @@ pub enum Kind {
     Kick,
     /// A presence change.
     Presence,
+    /// "This replica is alive": sent on the broadcast topic now and then, so that two
+    /// replicas configured with one node id notice each other even without traffic.
+    Heartbeat,
     /// A kind this replica does not know; receivers skip it.
     Unknown(u8),
 }
@@ -52,6 +55,7 @@ impl Kind {
             Self::Device => 4,
             Self::Kick => 5,
             Self::Presence => 6,
+            Self::Heartbeat => 7,
             Self::Unknown(other) => other,
         }
     }
@@ -64,6 +68,7 @@ impl Kind {
             4 => Self::Device,
             5 => Self::Kick,
             6 => Self::Presence,
+            7 => Self::Heartbeat,
             other => Self::Unknown(other),
         }
     }
@@ -89,6 +94,12 @@ impl MessageIds {
 
     pub fn next_id(&self) -> MessageId {
         (u128::from(self.prefix) << 64) | u128::from(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Whether `id` was handed out by this generator (its process), and not by another
+    /// process that happens to carry the same node id.
+    pub fn is_own(&self, id: MessageId) -> bool {
+        (id >> 64) == u128::from(self.prefix)
     }
 }
 
@@ -290,5 +301,8 @@ mod tests {
         let ids = MessageIds::new();
         assert_ne!(ids.next_id(), ids.next_id());
         assert_ne!(MessageIds::new().next_id(), MessageIds::new().next_id());
+        let other = MessageIds::new();
+        assert!(ids.is_own(ids.next_id()));
+        assert!(!ids.is_own(other.next_id()));
     }
 }

@@ -11,7 +11,11 @@ pub mod local;
 pub mod nats;
 pub mod redis;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 pub use dedup::RecentIds;
 pub use envelope::{Envelope, EnvelopeError, Kind, MessageId, MessageIds, now_ms};
@@ -34,6 +38,14 @@ pub enum PubsubError {
 /// One message received from the backbone, still encoded.
 pub type Incoming = Bytes;
 
+/// Resolves to true once the adapter holds a topic on its current connection, so that
+/// whatever anyone publishes on it from then on arrives here; false when it cannot
+/// say so now (disconnected: the adapter keeps trying by itself).
+pub type Held = oneshot::Receiver<bool>;
+
+/// A future the caller awaits without borrowing the adapter.
+pub type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A shared message bus between replicas.
 ///
 /// Every method returns at once: publishing and (un)subscribing enqueue work for the
@@ -50,11 +62,25 @@ pub trait Backbone: Send + Sync + 'static {
     /// Queues `payload` for `topic`.
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PubsubError>;
 
-    /// Starts receiving `topic`. Idempotent, and kept across reconnects.
-    fn subscribe(&self, topic: &str) -> Result<(), PubsubError>;
+    /// Starts receiving `topic`. Idempotent, and kept across reconnects. The answer
+    /// says when the backbone holds it: asking again for a topic already held asks the
+    /// backbone again, so after a reconnect it confirms the new connection.
+    fn subscribe(&self, topic: &str) -> Result<Held, PubsubError>;
 
     /// Stops receiving `topic`. Idempotent.
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError>;
+
+    /// Counts the adapter's connections: it changes when the adapter reconnected, so a
+    /// holder of a confirmation from an older connection knows to ask again.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// Resolves once every publication accepted so far has been handed to the
+    /// backbone server (or given up on), e.g. before the process exits.
+    fn flush(&self) -> Pending {
+        Box::pin(std::future::ready(()))
+    }
 
     /// Publications accepted by [`Backbone::publish`] that never reached the
     /// backbone (connection lost meanwhile, refused by the server), since start.
@@ -132,6 +158,13 @@ impl Throttle {
             .ok()
             .map(|_| self.pending.swap(0, Relaxed))
     }
+}
+
+/// A [`Held`] that is already decided.
+pub fn held(answer: bool) -> Held {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(answer);
+    rx
 }
 
 /// Aborts a task when dropped, so an adapter's background work ends with the adapter.

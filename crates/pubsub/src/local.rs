@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::{Backbone, Incoming, PubsubError};
+use crate::{Backbone, Held, Incoming, PubsubError, held};
 
 const NAME: &str = "local";
 
@@ -105,9 +105,9 @@ impl Backbone for LocalBackbone {
         Ok(())
     }
 
-    fn subscribe(&self, topic: &str) -> Result<(), PubsubError> {
+    fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
         lock(&self.member.topics).insert(topic.to_owned());
-        Ok(())
+        Ok(held(self.is_connected()))
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {

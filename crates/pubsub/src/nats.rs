@@ -4,11 +4,18 @@
 //! Work is done by the adapter's own tasks, fed by bounded queues:
 //! - the publisher task hands publications to async-nats one by one, so one topic's
 //!   messages leave in order (async-nats writes its queue in order, flushing as it goes);
+//!   a flush request in the queue is answered once async-nats has written everything
+//!   before it to the socket;
 //! - the subscription task applies (un)subscriptions in the order they were asked for,
 //!   and starts one forwarding task per held topic that hands its messages to the
 //!   `incoming` channel, waiting when it is full;
 //! - async-nats itself re-sends SUB for every live subscription after a reconnect, and
 //!   queues subscriptions made while disconnected, so nothing here re-subscribes.
+//!
+//! NATS does not acknowledge a SUB. To know the server holds a subscription, the
+//! subscription task then publishes a marker to a private inbox it subscribes to: the
+//! server handles one connection's messages in order, so when the marker comes back,
+//! every SUB sent before it is in place.
 //!
 //! Connection state is read from async-nats' state watch rather than from a flag kept by
 //! the event callback: async-nats sends events with `try_send` into a 128-slot channel,
@@ -16,6 +23,7 @@
 //! while the watch is updated on every transition. The callback logs and counts.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,9 +32,9 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event, ServerAddr, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::{AbortOnDrop, Backbone, Incoming, PubsubError, Throttle, redact_url};
+use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle, redact_url};
 
 const NAME: &str = "nats";
 
@@ -46,6 +54,11 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// How often a repeated warning (slow consumer, lost publications) is logged at most.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// (Un)subscriptions applied together, then confirmed by one marker.
+const SUBSCRIPTION_BATCH: usize = 512;
+/// How long a marker may take to come back before the subscriptions it would confirm
+/// are reported as not held.
+const MARKER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Token standing for an empty token (`a..b`, `x.`): a lone `%` is never produced by
 /// escaping, which always writes `%` followed by two hex digits.
@@ -53,8 +66,16 @@ const EMPTY_TOKEN: &str = "%";
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 enum SubscriptionOp {
-    Subscribe(String),
+    /// Subscribe, and say on the sender once the server holds it.
+    Subscribe(String, oneshot::Sender<bool>),
     Unsubscribe(String),
+}
+
+/// What the publisher task is asked to do, in order.
+enum Outbound {
+    Publish(String, Bytes),
+    /// Answer once everything queued before has been written.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Counters of what the adapter had to give up on.
@@ -69,7 +90,7 @@ struct Losses {
 /// A replica's connection to a NATS server (or cluster) used as the cluster backbone.
 pub struct NatsBackbone {
     client: Client,
-    publications: mpsc::Sender<(String, Bytes)>,
+    publications: mpsc::Sender<Outbound>,
     subscriptions: mpsc::Sender<SubscriptionOp>,
     losses: Arc<Losses>,
     _tasks: Vec<AbortOnDrop>,
@@ -328,14 +349,19 @@ impl Backbone for NatsBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        Self::enqueue(&self.publications, (subject_for(topic), payload))
+        Self::enqueue(
+            &self.publications,
+            Outbound::Publish(subject_for(topic), payload),
+        )
     }
 
-    fn subscribe(&self, topic: &str) -> Result<(), PubsubError> {
+    fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
+        let (held, answer) = oneshot::channel();
         Self::enqueue(
             &self.subscriptions,
-            SubscriptionOp::Subscribe(topic.to_owned()),
-        )
+            SubscriptionOp::Subscribe(topic.to_owned(), held),
+        )?;
+        Ok(answer)
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
@@ -343,6 +369,20 @@ impl Backbone for NatsBackbone {
             &self.subscriptions,
             SubscriptionOp::Unsubscribe(topic.to_owned()),
         )
+    }
+
+    fn generation(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Acquire)
+    }
+
+    fn flush(&self) -> Pending {
+        let (done, flushed) = oneshot::channel();
+        let queued = self.publications.clone();
+        Box::pin(async move {
+            if queued.send(Outbound::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        })
     }
 
     fn dropped_published(&self) -> u64 {
@@ -410,13 +450,19 @@ impl EventLog {
     }
 }
 
-async fn publish_loop(
-    client: Client,
-    mut queue: mpsc::Receiver<(String, Bytes)>,
-    losses: Arc<Losses>,
-) {
+async fn publish_loop(client: Client, mut queue: mpsc::Receiver<Outbound>, losses: Arc<Losses>) {
     let throttle = Throttle::new(LOG_EVERY);
-    while let Some((subject, payload)) = queue.recv().await {
+    while let Some(outbound) = queue.recv().await {
+        let (subject, payload) = match outbound {
+            Outbound::Publish(subject, payload) => (subject, payload),
+            Outbound::Flush(done) => {
+                if client.connection_state() == State::Connected {
+                    let _ = client.flush().await;
+                }
+                let _ = done.send(());
+                continue;
+            }
+        };
         let outcome = if client.connection_state() == State::Connected {
             // Waits only while async-nats' own queue is full.
             client
@@ -445,26 +491,98 @@ async fn subscription_loop(
     // One forwarding task per held topic; dropping it aborts the task, whose Subscriber
     // then sends UNSUB.
     let mut held: HashMap<String, AbortOnDrop> = HashMap::new();
-    while let Some(op) = ops.recv().await {
-        match op {
-            SubscriptionOp::Subscribe(topic) => {
-                if held.contains_key(&topic) {
-                    continue;
-                }
-                // Queued by async-nats while disconnected, and sent once connected.
-                match client.subscribe(subject_for(&topic)).await {
-                    Ok(subscriber) => {
-                        held.insert(topic, spawn(forward(subscriber, incoming.clone())));
+    let mut markers = Markers::new(&client).await;
+    let mut batch = Vec::with_capacity(SUBSCRIPTION_BATCH);
+    let mut answers = Vec::new();
+    while ops.recv_many(&mut batch, SUBSCRIPTION_BATCH).await > 0 {
+        for op in batch.drain(..) {
+            match op {
+                SubscriptionOp::Subscribe(topic, answer) => {
+                    if let Entry::Vacant(vacant) = held.entry(topic) {
+                        // Queued by async-nats while disconnected, and sent once connected.
+                        match client.subscribe(subject_for(vacant.key())).await {
+                            Ok(subscriber) => {
+                                vacant.insert(spawn(forward(subscriber, incoming.clone())));
+                            }
+                            Err(error) => {
+                                tracing::warn!(adapter = NAME, topic = vacant.key(), %error, "subscribe failed");
+                                let _ = answer.send(false);
+                                continue;
+                            }
+                        }
                     }
-                    Err(error) => {
-                        tracing::warn!(adapter = NAME, topic, %error, "subscribe failed");
-                    }
+                    answers.push(answer);
                 }
-            }
-            SubscriptionOp::Unsubscribe(topic) => {
-                held.remove(&topic);
+                SubscriptionOp::Unsubscribe(topic) => {
+                    held.remove(&topic);
+                }
             }
         }
+        if answers.is_empty() {
+            continue;
+        }
+        let confirmed = match &mut markers {
+            Some(markers) if client.connection_state() == State::Connected => {
+                markers.round_trip(&client).await
+            }
+            _ => false,
+        };
+        for answer in answers.drain(..) {
+            let _ = answer.send(confirmed);
+        }
+    }
+}
+
+/// Round trips through the server on a private inbox (see the module docs).
+struct Markers {
+    inbox: String,
+    echoes: Subscriber,
+    sent: u64,
+}
+
+impl Markers {
+    async fn new(client: &Client) -> Option<Self> {
+        let inbox = client.new_inbox();
+        match client.subscribe(inbox.clone()).await {
+            Ok(echoes) => Some(Self {
+                inbox,
+                echoes,
+                sent: 0,
+            }),
+            Err(error) => {
+                tracing::warn!(adapter = NAME, %error, "cannot subscribe to the marker inbox: subscriptions will not be confirmed");
+                None
+            }
+        }
+    }
+
+    /// Publishes a marker and waits for it; true once it came back in time.
+    async fn round_trip(&mut self, client: &Client) -> bool {
+        self.sent += 1;
+        let marker = self.sent;
+        if client
+            .publish(self.inbox.clone(), Bytes::from(marker.to_string()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let came_back = async {
+            while let Some(message) = self.echoes.next().await {
+                // Markers of earlier rounds that timed out arrive first: skip them.
+                if std::str::from_utf8(&message.payload)
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok())
+                    == Some(marker)
+                {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::time::timeout(MARKER_TIMEOUT, came_back)
+            .await
+            .unwrap_or(false)
     }
 }
 

@@ -5,10 +5,12 @@
 //!
 //! Work is done by the adapter's own tasks, fed by bounded queues:
 //! - the publisher task sends queued publications as one pipeline per batch, and waits
-//!   for a batch before sending the next, so one topic's messages leave in order;
+//!   for a batch before sending the next, so one topic's messages leave in order; a
+//!   flush request in the queue is answered once everything before it was sent;
 //! - the subscription task applies (un)subscriptions in the order they were asked for,
-//!   keeps the set of topics the adapter should hold, and subscribes to all of it again
-//!   after every (re)connection;
+//!   many per command, keeps the set of topics the adapter should hold, subscribes to
+//!   all of it again after every (re)connection, and confirms each subscription once
+//!   Redis has answered its SUBSCRIBE;
 //! - the receiver task hands every message to the `incoming` channel, waiting when it is
 //!   full;
 //! - the heartbeat task pings both connections, so that a peer that vanished without
@@ -20,6 +22,7 @@
 //! UNSUBSCRIBE issued around a reconnect. The subscription task owns that state instead.
 
 use std::collections::BTreeSet;
+use std::mem;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,9 +33,9 @@ use fred::prelude::{
     Builder, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, Value,
 };
 use fred::types::{Message, RespVersion};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::{AbortOnDrop, Backbone, Incoming, PubsubError, Throttle, redact_url};
+use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle, redact_url};
 
 const NAME: &str = "redis";
 
@@ -65,8 +68,16 @@ const RESYNC_RETRY: Duration = Duration::from_secs(1);
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 enum SubscriptionOp {
-    Subscribe(String),
+    /// Subscribe, and say on the sender once Redis holds it.
+    Subscribe(String, oneshot::Sender<bool>),
     Unsubscribe(String),
+}
+
+/// What the publisher task is asked to do, in order.
+enum Outbound {
+    Publish(String, Bytes),
+    /// Answer once everything queued before has been sent.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Counters of what the adapter had to give up on.
@@ -82,9 +93,11 @@ struct Losses {
 pub struct RedisBackbone {
     publisher: fred::clients::Client,
     subscriber: SubscriberClient,
-    publications: mpsc::Sender<(String, Bytes)>,
+    publications: mpsc::Sender<Outbound>,
     subscriptions: mpsc::Sender<SubscriptionOp>,
     losses: Arc<Losses>,
+    /// Subscriber connections made so far (see [`Backbone::generation`]).
+    generation: Arc<AtomicU64>,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -144,6 +157,7 @@ impl RedisBackbone {
         let reconnects = subscriber.reconnect_rx();
 
         let losses = Arc::new(Losses::default());
+        let generation = Arc::new(AtomicU64::new(0));
         let (publications, publication_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (subscriptions, subscription_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let tasks = vec![
@@ -158,6 +172,7 @@ impl RedisBackbone {
                 subscriber.clone(),
                 subscription_rx,
                 reconnects,
+                Arc::clone(&generation),
             )),
             spawn(receive_loop(messages, incoming, Arc::clone(&losses))),
             spawn(heartbeat(publisher.clone(), subscriber.clone())),
@@ -168,6 +183,7 @@ impl RedisBackbone {
             publications,
             subscriptions,
             losses,
+            generation,
             _tasks: tasks,
         })
     }
@@ -205,14 +221,19 @@ impl Backbone for RedisBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        Self::enqueue(&self.publications, (topic.to_owned(), payload))
+        Self::enqueue(
+            &self.publications,
+            Outbound::Publish(topic.to_owned(), payload),
+        )
     }
 
-    fn subscribe(&self, topic: &str) -> Result<(), PubsubError> {
+    fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
+        let (held, answer) = oneshot::channel();
         Self::enqueue(
             &self.subscriptions,
-            SubscriptionOp::Subscribe(topic.to_owned()),
-        )
+            SubscriptionOp::Subscribe(topic.to_owned(), held),
+        )?;
+        Ok(answer)
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
@@ -220,6 +241,21 @@ impl Backbone for RedisBackbone {
             &self.subscriptions,
             SubscriptionOp::Unsubscribe(topic.to_owned()),
         )
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn flush(&self) -> Pending {
+        let (done, flushed) = oneshot::channel();
+        let queued = self.publications.clone();
+        Box::pin(async move {
+            // Waits for room: the queue drains unless the task is gone.
+            if queued.send(Outbound::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        })
     }
 
     fn dropped_published(&self) -> u64 {
@@ -292,39 +328,61 @@ async fn keep_connected<C: ClientLike>(client: C, role: &'static str) {
 
 async fn publish_loop(
     publisher: fred::clients::Client,
-    mut queue: mpsc::Receiver<(String, Bytes)>,
+    mut queue: mpsc::Receiver<Outbound>,
     losses: Arc<Losses>,
 ) {
     let throttle = Throttle::new(LOG_EVERY);
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut publications = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let count = batch.len();
-        if !publisher.is_connected() {
-            // At most once: what was accepted just before an outage is dropped rather
-            // than delivered late.
-            batch.clear();
-            lost_publications(&losses, &throttle, count, "the connection is down");
-            continue;
-        }
-        let pipeline = publisher.pipeline();
-        for (topic, payload) in batch.drain(..) {
-            // Only queues the command in the pipeline's memory.
-            let queued: Result<(), _> = pipeline.publish(topic, Value::Bytes(payload)).await;
-            if let Err(error) = queued {
-                tracing::debug!(adapter = NAME, %error, "could not queue a publication");
+        for outbound in batch.drain(..) {
+            match outbound {
+                Outbound::Publish(topic, payload) => publications.push((topic, payload)),
+                Outbound::Flush(done) => {
+                    send_pipeline(&publisher, &mut publications, &losses, &throttle).await;
+                    let _ = done.send(());
+                }
             }
         }
-        // Waiting for the batch before sending the next keeps publications in order,
-        // even when fred retries a batch after a reconnect.
-        let failed = pipeline
-            .try_all::<Value>()
-            .await
-            .iter()
-            .filter(|result| result.is_err())
-            .count();
-        if failed > 0 {
-            lost_publications(&losses, &throttle, failed, "PUBLISH failed");
+        send_pipeline(&publisher, &mut publications, &losses, &throttle).await;
+    }
+}
+
+/// Sends `publications` as one pipeline and waits for its replies, which keeps one
+/// topic's publications in order even when fred retries a pipeline after a reconnect.
+async fn send_pipeline(
+    publisher: &fred::clients::Client,
+    publications: &mut Vec<(String, Bytes)>,
+    losses: &Losses,
+    throttle: &Throttle,
+) {
+    let count = publications.len();
+    if count == 0 {
+        return;
+    }
+    if !publisher.is_connected() {
+        // At most once: what was accepted just before an outage is dropped rather
+        // than delivered late.
+        publications.clear();
+        lost_publications(losses, throttle, count, "the connection is down");
+        return;
+    }
+    let pipeline = publisher.pipeline();
+    for (topic, payload) in publications.drain(..) {
+        // Only queues the command in the pipeline's memory.
+        let queued: Result<(), _> = pipeline.publish(topic, Value::Bytes(payload)).await;
+        if let Err(error) = queued {
+            tracing::debug!(adapter = NAME, %error, "could not queue a publication");
         }
+    }
+    let failed = pipeline
+        .try_all::<Value>()
+        .await
+        .iter()
+        .filter(|result| result.is_err())
+        .count();
+    if failed > 0 {
+        lost_publications(losses, throttle, failed, "PUBLISH failed");
     }
 }
 
@@ -340,46 +398,28 @@ async fn subscription_loop(
     subscriber: SubscriberClient,
     mut ops: mpsc::Receiver<SubscriptionOp>,
     mut reconnects: broadcast::Receiver<fred::prelude::Server>,
+    generation: Arc<AtomicU64>,
 ) {
     // What the adapter should hold; Redis may hold less while `dirty`.
     let mut wanted = BTreeSet::new();
     let mut dirty = false;
+    let mut batch = Vec::with_capacity(MAX_CHANNELS_PER_COMMAND);
     let mut retry = tokio::time::interval(RESYNC_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            op = ops.recv() => {
-                let Some(op) = op else { break };
-                let result = match op {
-                    SubscriptionOp::Subscribe(topic) => {
-                        if !wanted.insert(topic.clone()) {
-                            continue;
-                        }
-                        if !subscriber.is_connected() {
-                            dirty = true;
-                            continue;
-                        }
-                        subscriber.subscribe(topic).await
-                    }
-                    SubscriptionOp::Unsubscribe(topic) => {
-                        if !wanted.remove(&topic) {
-                            continue;
-                        }
-                        if !subscriber.is_connected() {
-                            dirty = true;
-                            continue;
-                        }
-                        subscriber.unsubscribe(topic).await
-                    }
-                };
-                if let Err(error) = result {
-                    tracing::debug!(adapter = NAME, %error, "subscription change failed, retrying");
+            received = ops.recv_many(&mut batch, MAX_CHANNELS_PER_COMMAND) => {
+                if received == 0 {
+                    break;
+                }
+                if !apply(&subscriber, &mut wanted, &mut batch).await {
                     dirty = true;
                 }
             }
             event = reconnects.recv() => match event {
                 // Also sent for the first connection. A new connection holds nothing.
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    generation.fetch_add(1, Ordering::AcqRel);
                     dirty = !resync(&subscriber, &wanted).await;
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
@@ -387,6 +427,79 @@ async fn subscription_loop(
             _ = retry.tick(), if dirty && subscriber.is_connected() => {
                 dirty = !resync(&subscriber, &wanted).await;
             }
+        }
+    }
+}
+
+/// Applies queued (un)subscriptions in order, each run of one kind as one command, and
+/// answers each subscription. Returns false when Redis may now hold the wrong set.
+async fn apply(
+    subscriber: &SubscriberClient,
+    wanted: &mut BTreeSet<String>,
+    batch: &mut Vec<SubscriptionOp>,
+) -> bool {
+    let mut in_sync = true;
+    let mut subscribe: Vec<(String, oneshot::Sender<bool>)> = Vec::new();
+    let mut unsubscribe: Vec<String> = Vec::new();
+    for op in batch.drain(..) {
+        match op {
+            SubscriptionOp::Subscribe(topic, held) => {
+                if !unsubscribe.is_empty() {
+                    in_sync &= unsubscribe_all(subscriber, mem::take(&mut unsubscribe)).await;
+                }
+                wanted.insert(topic.clone());
+                subscribe.push((topic, held));
+            }
+            SubscriptionOp::Unsubscribe(topic) => {
+                if !subscribe.is_empty() {
+                    in_sync &= subscribe_all(subscriber, mem::take(&mut subscribe)).await;
+                }
+                if wanted.remove(&topic) {
+                    unsubscribe.push(topic);
+                }
+            }
+        }
+    }
+    if !unsubscribe.is_empty() {
+        in_sync &= unsubscribe_all(subscriber, unsubscribe).await;
+    }
+    if !subscribe.is_empty() {
+        in_sync &= subscribe_all(subscriber, subscribe).await;
+    }
+    in_sync
+}
+
+/// One SUBSCRIBE for all of them (again for any already held: harmless, and it proves
+/// the current connection holds it). Answers each; false when it did not happen.
+async fn subscribe_all(
+    subscriber: &SubscriberClient,
+    topics: Vec<(String, oneshot::Sender<bool>)>,
+) -> bool {
+    let (names, answers): (Vec<String>, Vec<oneshot::Sender<bool>>) = topics.into_iter().unzip();
+    let done = subscriber.is_connected() && {
+        match subscriber.subscribe(names).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(adapter = NAME, %error, "SUBSCRIBE failed, retrying");
+                false
+            }
+        }
+    };
+    for answer in answers {
+        let _ = answer.send(done);
+    }
+    done
+}
+
+async fn unsubscribe_all(subscriber: &SubscriberClient, topics: Vec<String>) -> bool {
+    if !subscriber.is_connected() {
+        return false;
+    }
+    match subscriber.unsubscribe(topics).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::debug!(adapter = NAME, %error, "UNSUBSCRIBE failed, retrying");
+            false
         }
     }
 }

@@ -88,3 +88,60 @@ impl RpcError {
         Self::with_detail(ErrorCode::InvalidParams, detail)
     }
 }
+
+impl RpcError {
+    /// `-32013` for a reply that would not fit the caller's send budget.
+    pub fn reply_too_large(limit: usize) -> Self {
+        Self::with_detail(
+            ErrorCode::PayloadTooLarge,
+            "reply larger than the send buffer",
+        )
+        .data(serde_json::json!({ "limit": limit }))
+    }
+
+    /// `-32053` after a delivery that reached this replica's clients only.
+    pub fn delivered_locally() -> Self {
+        Self::with_detail(ErrorCode::Unavailable, "cluster backbone is down")
+            .data(serde_json::json!({"delivered": "local"}))
+    }
+
+    /// `-32053` for a subscription that works on this replica only, for now.
+    pub fn subscribed_locally() -> Self {
+        Self::with_detail(
+            ErrorCode::Unavailable,
+            "cluster backbone is down: subscribed on this replica; other replicas' publications follow once it is back",
+        )
+        .data(serde_json::json!({"subscribed": "local"}))
+    }
+
+    /// The wire form of a gate refusal. `channel` names the channel the call was for.
+    pub fn refused(refusal: &chorus_gate::Refusal, channel: Option<&str>) -> Self {
+        use chorus_gate::Refusal;
+        match refusal {
+            Refusal::RateLimited { retry_after, .. } => {
+                // Round up: retrying after a rounded-down wait would be refused again.
+                let millis = retry_after.as_micros().div_ceil(1000);
+                Self::new(ErrorCode::RateLimited)
+                    .data(serde_json::json!({ "retry_after_ms": u64::try_from(millis).unwrap_or(u64::MAX) }))
+            }
+            Refusal::PayloadTooLarge { limit } => {
+                Self::with_detail(ErrorCode::PayloadTooLarge, "data larger than the publish limit")
+                    .data(serde_json::json!({ "limit": limit }))
+            }
+            Refusal::SubscriptionLimit { limit } => {
+                Self::with_detail(ErrorCode::Forbidden, "subscription limit reached")
+                    .data(serde_json::json!({ "channel": channel, "reason": "subscription limit", "limit": limit }))
+            }
+            Refusal::TooManyConnections { limit } => {
+                Self::with_detail(ErrorCode::RateLimited, "too many connections")
+                    .data(serde_json::json!({ "limit": limit }))
+            }
+        }
+    }
+
+    /// `-32600` for a batch longer than the limit: nothing in it was executed.
+    pub fn batch_too_long(limit: usize) -> Self {
+        Self::with_detail(ErrorCode::InvalidRequest, "batch too long")
+            .data(serde_json::json!({ "limit": limit }))
+    }
+}

@@ -38,6 +38,9 @@ pub enum Message<'a> {
     Batch(Vec<Entry<'a>>),
     /// Not JSON, or an empty batch: one error with id null.
     Rejected(RpcError),
+    /// A batch of more than the limit (which it carries): reading stopped there and
+    /// nothing is executed.
+    TooLong(usize),
 }
 
 /// Every member kept raw, so validation decides what is wrong and ids echo unchanged.
@@ -59,16 +62,33 @@ fn present<'de, D: Deserializer<'de>>(de: D) -> Result<Option<&'de RawValue>, D:
     <&RawValue>::deserialize(de).map(Some)
 }
 
-/// Parses a text message.
+/// Parses a text message, with batches of any length.
 pub fn parse(text: &str) -> Message<'_> {
+    parse_with_limit(text, usize::MAX)
+}
+
+/// Parses a text message; a batch of more than `max_batch` elements is not read past
+/// that many (`Message::TooLong`), so a long batch costs no memory per element.
+pub fn parse_with_limit(text: &str, max_batch: usize) -> Message<'_> {
     if text.trim_start().starts_with('[') {
-        return match serde_json::from_str::<Vec<&RawValue>>(text) {
-            Ok(elements) if elements.is_empty() => Message::Rejected(RpcError::with_detail(
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let elements = match deserializer.deserialize_seq(BoundedBatch { max: max_batch }) {
+            Ok(elements) => elements,
+            Err(err) if err.to_string().starts_with(TOO_LONG) => {
+                return Message::TooLong(max_batch);
+            }
+            Err(err) => return Message::Rejected(parse_error(&err)),
+        };
+        if let Err(err) = deserializer.end() {
+            return Message::Rejected(parse_error(&err));
+        }
+        return if elements.is_empty() {
+            Message::Rejected(RpcError::with_detail(
                 ErrorCode::InvalidRequest,
                 "empty batch",
-            )),
-            Ok(elements) => Message::Batch(elements.into_iter().map(parse_element).collect()),
-            Err(err) => Message::Rejected(parse_error(&err)),
+            ))
+        } else {
+            Message::Batch(elements.into_iter().map(parse_element).collect())
         };
     }
     match serde_json::from_str::<RawRequest<'_>>(text) {
@@ -82,6 +102,33 @@ pub fn parse(text: &str) -> Message<'_> {
             }),
             Err(err) => Message::Rejected(parse_error(&err)),
         },
+    }
+}
+
+/// The start of the error a [`BoundedBatch`] stops with.
+const TOO_LONG: &str = "batch longer than";
+
+/// Reads the elements of a batch as raw JSON, stopping after `max` of them.
+struct BoundedBatch {
+    max: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedBatch {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a batch of requests")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut elements = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max).min(64));
+        while let Some(element) = seq.next_element::<&RawValue>()? {
+            if elements.len() == self.max {
+                return Err(serde::de::Error::custom(format!("{TOO_LONG} {}", self.max)));
+            }
+            elements.push(element);
+        }
+        Ok(elements)
     }
 }
 

@@ -2,8 +2,8 @@
 
 use serde_json::value::RawValue;
 
+use crate::context::Reply;
 use crate::error::RpcError;
-use crate::router::Reply;
 
 pub(crate) fn write_result(out: &mut String, id: &RawValue, result: &Reply<'_>) {
     out.push_str(r#"{"jsonrpc":"2.0","result":"#);
@@ -11,6 +11,9 @@ pub(crate) fn write_result(out: &mut String, id: &RawValue, result: &Reply<'_>) 
         Reply::Raw(raw) => out.push_str(raw.get()),
         Reply::Static(text) => out.push_str(text),
         Reply::Json(value) => out.push_str(&value.to_string()),
+        Reply::Text(text) => out.push_str(text),
+        // Resolved before a response is written; `null` keeps the text valid JSON.
+        Reply::Later(_) => out.push_str("null"),
     }
     out.push_str(r#","id":"#);
     out.push_str(id.get());

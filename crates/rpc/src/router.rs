@@ -1,16 +1,21 @@
 //! The router: method names to handlers, and one text message in to at most one text
-//! reply out, batches included.
+//! reply out (now, or later when a call answers later), batches included.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chorus_hub::ClientHandle;
+use chorus_gate::RequestVerdict;
+use futures_util::future::join_all;
 use serde_json::value::RawValue;
 
+use crate::context::{CallOutcome, CallRecord, Context, Observer, Reply};
 use crate::error::{ErrorCode, RpcError};
-use crate::node::Node;
+use crate::method::{Handler, Method};
 use crate::params::Params;
-use crate::request::{Call, Entry, Message, parse};
+use crate::request::{Call, Entry, Message, parse_with_limit};
 use crate::response::{write_error, write_result};
 
 /// Method label for requests that never reached a handler.
@@ -18,76 +23,52 @@ const INVALID: &str = "invalid";
 /// Method label for names nobody registered (kept bounded for metrics).
 const UNKNOWN: &str = "unknown";
 
-/// What a handler sees of the call's surroundings.
-pub struct Context<'a> {
-    pub client: &'a ClientHandle,
-    pub node: &'a dyn Node,
+/// A reply that is not ready yet. Resolves to the reply text, or `None` when nothing
+/// is owed after all (notifications only).
+pub type LaterMessage = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// What became of one inbound message.
+pub enum Handled {
+    /// Nothing is owed (notifications only).
+    Nothing,
+    /// The reply, ready now.
+    Now(String),
+    /// Some calls answer later; `calls` of them are pending inside `reply`.
+    Later { reply: LaterMessage, calls: usize },
+    /// The client floods past its request budget: close the connection (1008).
+    Flooding,
 }
 
-/// A successful result.
-#[derive(Debug)]
-pub enum Reply<'p> {
-    /// JSON taken from the request as is (e.g. `self.reply` echoing params).
-    Raw(&'p RawValue),
-    /// A constant JSON text.
-    Static(&'static str),
-    Json(serde_json::Value),
-}
-
-/// One method. Handlers run on the connection's task and must not block: anything
-/// slow is queued elsewhere (the hub and backbone APIs never wait).
-pub trait Handler: Send + Sync + 'static {
-    fn call<'p>(&self, cx: &Context<'_>, params: Params<'p>) -> Result<Reply<'p>, RpcError>;
-}
-
-/// How a call ended, for metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CallOutcome {
-    Ok,
-    Error(ErrorCode),
-}
-
-impl CallOutcome {
-    pub fn label(self) -> &'static str {
+impl std::fmt::Debug for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Ok => "ok",
-            Self::Error(_) => "error",
+            Self::Nothing => f.write_str("Nothing"),
+            Self::Now(text) => f.debug_tuple("Now").field(text).finish(),
+            Self::Later { calls, .. } => f.debug_struct("Later").field("calls", calls).finish(),
+            Self::Flooding => f.write_str("Flooding"),
         }
     }
 }
 
-/// One finished call.
-#[derive(Clone, Copy, Debug)]
-pub struct CallRecord {
-    /// A registered method name, `unknown` or `invalid`: always a bounded set.
-    pub method: &'static str,
-    pub outcome: CallOutcome,
-    pub elapsed: Duration,
-}
-
-/// Receives a record of every call (the server turns them into metrics).
-pub trait Observer {
-    fn record(&self, record: CallRecord);
-}
-
-/// An [`Observer`] that ignores everything.
-#[derive(Debug, Default)]
-pub struct NoObserver;
-impl Observer for NoObserver {
-    fn record(&self, _: CallRecord) {}
+/// One element's response.
+enum Piece {
+    /// A notification: nothing owed.
+    None,
+    Now(String),
+    Later(LaterMessage),
 }
 
 /// Method names to handlers.
 #[derive(Default)]
 pub struct Router {
-    methods: HashMap<&'static str, Box<dyn Handler>>,
+    methods: HashMap<&'static str, Arc<dyn Handler>>,
 }
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut names: Vec<_> = self.methods.keys().collect();
-        names.sort();
-        f.debug_struct("Router").field("methods", &names).finish()
+        f.debug_struct("Router")
+            .field("methods", &self.method_names())
+            .finish()
     }
 }
 
@@ -96,8 +77,8 @@ impl Router {
         Self::default()
     }
 
-    pub fn register(&mut self, name: &'static str, handler: impl Handler) -> &mut Self {
-        self.methods.insert(name, Box::new(handler));
+    pub fn register(&mut self, name: &'static str, method: impl Method) -> &mut Self {
+        self.methods.insert(name, Arc::new(method));
         self
     }
 
@@ -108,76 +89,102 @@ impl Router {
         names
     }
 
-    /// Handles one text message; returns the reply text, or `None` when nothing is
-    /// owed (notifications only).
-    pub fn handle(&self, text: &str, cx: &Context<'_>, observer: &dyn Observer) -> Option<String> {
-        match parse(text) {
-            Message::Single(entry) => {
-                let mut out = String::new();
-                self.entry(entry, cx, observer, &mut out).then_some(out)
-            }
+    /// Handles one text message.
+    ///
+    /// Every call (each element of a batch) is admitted by the caller's request budget
+    /// first. The reply to one message is bounded by the caller's send budget: a
+    /// response that would take it past the budget is replaced by `-32013`, and so is
+    /// every later element of the batch, which is then not executed.
+    pub fn handle(&self, text: &str, cx: &Context<'_>) -> Handled {
+        let max_batch = cx.services.gate.limits().max_batch;
+        let observer = &cx.services.observer;
+        let mut budget = ReplyBudget::new(cx.client().budget());
+        match parse_with_limit(text, max_batch) {
+            Message::Single(entry) => match self.entry(entry, cx, &mut budget) {
+                Err(Flooding) => Handled::Flooding,
+                Ok(Piece::None) => Handled::Nothing,
+                Ok(Piece::Now(text)) => Handled::Now(text),
+                Ok(Piece::Later(reply)) => Handled::Later { reply, calls: 1 },
+            },
             Message::Batch(entries) => {
-                let mut out = String::from("[");
-                let mut answered = false;
+                let mut pieces = Vec::with_capacity(entries.len());
                 for entry in entries {
-                    let mark = out.len();
-                    if answered {
-                        out.push(',');
-                    }
-                    if self.entry(entry, cx, observer, &mut out) {
-                        answered = true;
-                    } else {
-                        out.truncate(mark);
+                    match self.entry(entry, cx, &mut budget) {
+                        Err(Flooding) => return Handled::Flooding,
+                        Ok(piece) => pieces.push(piece),
                     }
                 }
-                out.push(']');
-                answered.then_some(out)
+                batch(pieces, budget.limit, observer)
             }
-            Message::Rejected(error) => {
-                observer.record(CallRecord {
-                    method: INVALID,
-                    outcome: CallOutcome::Error(error.code),
-                    elapsed: Duration::ZERO,
-                });
-                let mut out = String::new();
-                write_error(&mut out, None, &error);
-                Some(out)
-            }
+            Message::Rejected(error) => rejected(&error, cx),
+            Message::TooLong(limit) => rejected(&RpcError::batch_too_long(limit), cx),
         }
     }
 
-    /// Writes the entry's response into `out`; returns false when none is owed.
+    /// One element: admitted, executed (unless the reply budget is spent), answered.
     fn entry(
         &self,
         entry: Entry<'_>,
         cx: &Context<'_>,
-        observer: &dyn Observer,
-        out: &mut String,
-    ) -> bool {
-        match entry {
-            Entry::Invalid { id, error } => {
-                observer.record(CallRecord {
-                    method: INVALID,
-                    outcome: CallOutcome::Error(error.code),
-                    elapsed: Duration::ZERO,
+        budget: &mut ReplyBudget,
+    ) -> Result<Piece, Flooding> {
+        let id = match &entry {
+            Entry::Call(call) => call.id,
+            Entry::Invalid { id, .. } => *id,
+        };
+        let owes_reply = id.is_some() || matches!(entry, Entry::Invalid { .. });
+        match cx.caller.limits.admit_request() {
+            RequestVerdict::Allowed => {}
+            RequestVerdict::Flooding => return Err(Flooding),
+            RequestVerdict::Refused(refusal) => {
+                if let Some(scope) = refusal.scope() {
+                    cx.services.observer.rate_limited(scope);
+                }
+                let error = RpcError::refused(&refusal, None);
+                record(
+                    cx.services.observer.as_ref(),
+                    method_of(&entry, self),
+                    &error,
+                    Duration::ZERO,
+                );
+                return Ok(if owes_reply {
+                    Piece::Now(budget.fit(error_text(id, &error), id, cx))
+                } else {
+                    Piece::None
                 });
-                write_error(out, id, &error);
-                true
             }
-            Entry::Call(call) => self.call(call, cx, observer, out),
         }
+        if budget.spent {
+            // An earlier element used up the reply budget: not executed.
+            return Ok(if owes_reply {
+                Piece::Now(error_text(id, &RpcError::reply_too_large(budget.limit)))
+            } else {
+                Piece::None
+            });
+        }
+        let piece = match entry {
+            Entry::Invalid { id, error } => {
+                record(
+                    cx.services.observer.as_ref(),
+                    INVALID,
+                    &error,
+                    Duration::ZERO,
+                );
+                Piece::Now(error_text(id, &error))
+            }
+            Entry::Call(call) => self.call(call, cx),
+        };
+        Ok(match piece {
+            Piece::Now(text) => Piece::Now(budget.fit(text, id, cx)),
+            other => other,
+        })
     }
 
-    fn call(
-        &self,
-        call: Call<'_>,
-        cx: &Context<'_>,
-        observer: &dyn Observer,
-        out: &mut String,
-    ) -> bool {
+    fn call(&self, call: Call<'_>, cx: &Context<'_>) -> Piece {
         let started = Instant::now();
+        let observer = cx.services.observer.as_ref();
         let (method, result) = match self.methods.get_key_value(call.method.as_ref()) {
-            Some((name, handler)) => (*name, handler.call(cx, Params(call.params))),
+            Some((name, handler)) => (*name, handler.dispatch(handler, cx, Params(call.params))),
             None => (
                 UNKNOWN,
                 Err(RpcError::with_detail(
@@ -186,23 +193,200 @@ impl Router {
                 )),
             ),
         };
+        let reply = match result {
+            Ok(Reply::Later(later)) => {
+                let id: Option<Box<RawValue>> = call.id.map(RawValue::to_owned);
+                let observer = Arc::clone(&cx.services.observer);
+                let limit = cx.client().budget();
+                return Piece::Later(Box::pin(async move {
+                    let result = later.await;
+                    observer.record(CallRecord {
+                        method,
+                        outcome: outcome(&result),
+                        elapsed: started.elapsed(),
+                    });
+                    let id = id?;
+                    let text = response_text(Some(&id), result);
+                    Some(if text.len() > limit {
+                        observer.reply_cut();
+                        error_text(Some(&id), &RpcError::reply_too_large(limit))
+                    } else {
+                        text
+                    })
+                }));
+            }
+            now => now,
+        };
         observer.record(CallRecord {
             method,
-            outcome: match &result {
-                Ok(_) => CallOutcome::Ok,
-                Err(error) => CallOutcome::Error(error.code),
-            },
+            outcome: outcome(&reply),
             elapsed: started.elapsed(),
         });
-        let Some(id) = call.id else {
-            return false;
-        };
-        match result {
-            Ok(reply) => write_result(out, id, &reply),
-            Err(error) => write_error(out, Some(id), &error),
+        match call.id {
+            Some(id) => Piece::Now(response_text(Some(id), reply)),
+            None => Piece::None,
         }
-        true
     }
+}
+
+/// The request budget said the client floods.
+struct Flooding;
+
+/// What is left of the caller's send budget for the reply to one message.
+struct ReplyBudget {
+    limit: usize,
+    used: usize,
+    spent: bool,
+}
+
+impl ReplyBudget {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: 0,
+            spent: false,
+        }
+    }
+
+    /// `text`, or `-32013` in its place when it does not fit what is left.
+    fn fit(&mut self, text: String, id: Option<&RawValue>, cx: &Context<'_>) -> String {
+        if !self.spent && self.used + text.len() < self.limit {
+            self.used += text.len() + 1;
+            return text;
+        }
+        self.spent = true;
+        cx.services.observer.reply_cut();
+        error_text(id, &RpcError::reply_too_large(self.limit))
+    }
+}
+
+/// Joins a batch's responses into one array, now or once every deferred one is in.
+fn batch(pieces: Vec<Piece>, limit: usize, observer: &Arc<dyn Observer>) -> Handled {
+    let calls = pieces
+        .iter()
+        .filter(|piece| matches!(piece, Piece::Later(_)))
+        .count();
+    if calls == 0 {
+        let texts: Vec<String> = pieces
+            .into_iter()
+            .filter_map(|piece| match piece {
+                Piece::Now(text) => Some(text),
+                Piece::None | Piece::Later(_) => None,
+            })
+            .collect();
+        return if texts.is_empty() {
+            Handled::Nothing
+        } else {
+            Handled::Now(join(&texts))
+        };
+    }
+    let observer = Arc::clone(observer);
+    let reply = Box::pin(async move {
+        let mut ready = Vec::new();
+        let mut later = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Now(text) => ready.push(text),
+                Piece::Later(future) => later.push(future),
+                Piece::None => {}
+            }
+        }
+        let mut used: usize = ready.iter().map(|text| text.len() + 1).sum();
+        for text in join_all(later).await.into_iter().flatten() {
+            if used + text.len() < limit {
+                used += text.len() + 1;
+                ready.push(text);
+            } else {
+                observer.reply_cut();
+                ready.push(cut_text(&text, limit));
+            }
+        }
+        (!ready.is_empty()).then(|| join(&ready))
+    });
+    Handled::Later { reply, calls }
+}
+
+fn join(texts: &[String]) -> String {
+    let mut out = String::with_capacity(texts.iter().map(|text| text.len() + 1).sum::<usize>() + 1);
+    out.push('[');
+    for (index, text) in texts.iter().enumerate() {
+        if index > 0 {
+            out.push(',');
+        }
+        out.push_str(text);
+    }
+    out.push(']');
+    out
+}
+
+/// `-32013` for a deferred response that did not fit, keeping its id.
+fn cut_text(response: &str, limit: usize) -> String {
+    #[derive(serde::Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    let id = serde_json::from_str::<IdOnly<'_>>(response)
+        .ok()
+        .and_then(|only| only.id);
+    error_text(id, &RpcError::reply_too_large(limit))
+}
+
+/// The answer to a message that is not a batch of calls (unreadable, empty, too long).
+fn rejected(error: &RpcError, cx: &Context<'_>) -> Handled {
+    if let RequestVerdict::Flooding = cx.caller.limits.admit_request() {
+        return Handled::Flooding;
+    }
+    record(
+        cx.services.observer.as_ref(),
+        INVALID,
+        error,
+        Duration::ZERO,
+    );
+    Handled::Now(error_text(None, error))
+}
+
+fn method_of(entry: &Entry<'_>, router: &Router) -> &'static str {
+    match entry {
+        Entry::Call(call) => router
+            .methods
+            .get_key_value(call.method.as_ref())
+            .map_or(UNKNOWN, |(name, _)| *name),
+        Entry::Invalid { .. } => INVALID,
+    }
+}
+
+fn record(observer: &dyn Observer, method: &'static str, error: &RpcError, elapsed: Duration) {
+    observer.record(CallRecord {
+        method,
+        outcome: CallOutcome::Error(error.code),
+        elapsed,
+    });
+}
+
+fn outcome<T>(result: &Result<T, RpcError>) -> CallOutcome {
+    match result {
+        Ok(_) => CallOutcome::Ok,
+        Err(error) => CallOutcome::Error(error.code),
+    }
+}
+
+fn response_text(id: Option<&RawValue>, result: Result<Reply<'_>, RpcError>) -> String {
+    let mut out = String::new();
+    match result {
+        Ok(reply) => match id {
+            Some(id) => write_result(&mut out, id, &reply),
+            None => write_error(&mut out, None, &RpcError::new(ErrorCode::Internal)),
+        },
+        Err(error) => write_error(&mut out, id, &error),
+    }
+    out
+}
+
+fn error_text(id: Option<&RawValue>, error: &RpcError) -> String {
+    let mut out = String::new();
+    write_error(&mut out, id, error);
+    out
 }
 
 /// A method name as quoted back in an error: bounded, so a huge name is not echoed.

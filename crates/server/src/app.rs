@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use chorus_gate::{Gate, IpLimits, IpSlot};
 use chorus_hub::{CloseReason, Hub};
 use chorus_pubsub::local::LocalBus;
 use chorus_pubsub::nats::NatsBackbone;
 use chorus_pubsub::redis::RedisBackbone;
-use chorus_rpc::{Router, notification};
+use chorus_rpc::{Router, Services, notification};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -30,8 +31,10 @@ use crate::node::{ClusterNode, Topics};
 const READ_BUFFER: usize = 2 * 1024;
 /// Write buffer size past which tungstenite writes to the socket before a flush.
 const WRITE_BUFFER: usize = 16 * 1024;
-/// Messages the backbone may queue for this replica before the adapter waits.
-const INCOMING_QUEUE: usize = 8_192;
+/// How often limiter state of client addresses that went quiet is dropped.
+const FORGET_IDLE_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait at shutdown for the backbone to take the last publications.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +57,11 @@ pub enum StartError {
 pub struct App {
     pub config: Config,
     pub node: Arc<ClusterNode>,
+    /// What handlers use: the node, the gate, the metrics.
+    pub services: Arc<Services>,
     pub router: Router,
     pub metrics: Arc<Metrics>,
+    pub ip_limits: Arc<IpLimits>,
     pub ws_config: WebSocketConfig,
     pub started: Instant,
     draining: AtomicBool,
@@ -72,9 +78,10 @@ impl std::fmt::Debug for App {
     }
 }
 
-/// A reserved connection; releasing it updates the count and wakes shutdown.
+/// A reserved connection; releasing it updates the counts and wakes shutdown.
 pub struct ConnectionSlot {
     app: Arc<App>,
+    _ip: IpSlot,
 }
 
 impl Drop for ConnectionSlot {
@@ -95,8 +102,8 @@ impl App {
     }
 
     /// Reserves a connection, or `None` past `WS_MAX_CONNECTIONS`.
-    pub fn reserve_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
-        let max = self.config.max_connections;
+    pub fn reserve_connection(self: &Arc<Self>, ip: IpSlot) -> Option<ConnectionSlot> {
+        let max = self.config.transport.max_connections;
         let previous = self.connections.fetch_add(1, Ordering::AcqRel);
         if max != 0 && previous >= max {
             self.connections.fetch_sub(1, Ordering::AcqRel);
@@ -105,6 +112,7 @@ impl App {
         self.metrics.connections_active.inc();
         Some(ConnectionSlot {
             app: Arc::clone(self),
+            _ip: ip,
         })
     }
 
@@ -113,7 +121,7 @@ impl App {
     /// connection is gone or the grace period ends.
     pub async fn drain(&self) {
         self.draining.store(true, Ordering::Release);
-        let grace = self.config.shutdown_grace;
+        let grace = self.config.transport.shutdown_grace;
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX).max(1);
         tracing::info!(connections = self.connections(), ?grace, "draining");
         self.node.hub().for_each_client(|client| {
@@ -158,9 +166,11 @@ impl std::fmt::Debug for RunningServer {
 }
 
 impl RunningServer {
-    /// Drains (section 6), then stops accepting.
+    /// Drains (section 6), hands the last accepted publications to the backbone, then
+    /// stops accepting.
     pub async fn shutdown(self) {
         self.app.drain().await;
+        self.app.node.flush_backbone(FINAL_FLUSH).await;
         self.accept.abort();
     }
 }
@@ -178,10 +188,10 @@ pub async fn start_with_bus(
 ) -> Result<RunningServer, StartError> {
     let router = Router::with_builtin_methods();
     let metrics = Arc::new(Metrics::new(
-        config.backbone.adapter(),
+        config.cluster.backbone.adapter(),
         &router.method_names(),
     )?);
-    let hub = Arc::new(Hub::new(config.send_buffer, metrics.clone()));
+    let hub = Arc::new(Hub::new(config.transport.send_buffer, metrics.clone()));
     let backbone = connect_backbone(&config, bus).await?;
     if let Some((backbone, _)) = &backbone {
         tracing::info!(
@@ -195,19 +205,30 @@ pub async fn start_with_bus(
         );
     }
     let node = ClusterNode::start(
-        config.node_id.clone(),
+        config.cluster.node_id.clone(),
         hub,
         backbone,
-        Topics::new(&config.pubsub_channel),
+        Topics::new(&config.cluster.pubsub_channel),
         metrics.pubsub.clone(),
     );
+    let gate = Arc::new(Gate::new(config.limits.gate.clone()));
+    let ip_limits = IpLimits::new(gate.limits());
+    let services = Arc::new(Services {
+        node: node.clone(),
+        gate,
+        observer: metrics.clone(),
+    });
+    let transport = &config.transport;
+    // One frame of the largest kind (a reply up to the send budget, or an echoed
+    // message) must fit the write buffer beside a batch.
+    let largest_frame = transport.send_buffer.max(transport.max_message_size);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(2 * config.max_message_size + WRITE_BUFFER + READ_BUFFER)
-        .max_message_size(Some(config.max_message_size))
-        .max_frame_size(Some(config.max_message_size));
-    let addr = SocketAddr::new(config.host, config.port);
+        .max_write_buffer_size(largest_frame + 2 * WRITE_BUFFER + 4 * READ_BUFFER + (64 << 10))
+        .max_message_size(Some(transport.max_message_size))
+        .max_frame_size(Some(transport.max_message_size));
+    let addr = SocketAddr::new(transport.host, transport.port);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -217,15 +238,18 @@ pub async fn start_with_bus(
     let app = Arc::new(App {
         config,
         node,
+        services,
         router,
         metrics,
+        ip_limits,
         ws_config,
         started: Instant::now(),
         draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         connection_closed: Notify::new(),
     });
-    tracing::info!(%local_addr, node_id = app.node.node_id(), path = app.config.ws_path, "listening");
+    tracing::info!(%local_addr, node_id = app.node.node_id(), path = app.config.transport.ws_path, "listening");
+    tokio::spawn(forget_idle_addresses(Arc::downgrade(&app.ip_limits)));
     let accept = tokio::spawn(accept_loop(listener, Arc::clone(&app)));
     Ok(RunningServer {
         app,
@@ -246,12 +270,12 @@ async fn connect_backbone(
     config: &Config,
     bus: Option<LocalBus>,
 ) -> Result<Option<BackboneParts>, StartError> {
-    let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
+    let (incoming_tx, incoming_rx) = mpsc::channel(config.cluster.backbone_queue);
     let failed = |err: chorus_pubsub::PubsubError| StartError::Backbone {
-        adapter: config.backbone.adapter(),
+        adapter: config.cluster.backbone.adapter(),
         reason: err.to_string(),
     };
-    let backbone: Arc<dyn chorus_pubsub::Backbone> = match &config.backbone {
+    let backbone: Arc<dyn chorus_pubsub::Backbone> = match &config.cluster.backbone {
         Backbone::Standalone => return Ok(None),
         Backbone::Local => Arc::new(bus.unwrap_or_default().attach(incoming_tx)),
         Backbone::Redis { url } => Arc::new(
@@ -269,8 +293,9 @@ async fn connect_backbone(
 }
 
 async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+    let handshake_timeout = app.config.transport.handshake_timeout;
     loop {
-        let (stream, _peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
                 // Out of file descriptors, typically: back off instead of spinning.
@@ -282,9 +307,14 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         let _ = stream.set_nodelay(true);
         let app = Arc::clone(&app);
         tokio::spawn(async move {
-            let service = service_fn(move |request| crate::http::route(Arc::clone(&app), request));
+            let service =
+                service_fn(move |request| crate::http::route(Arc::clone(&app), peer, request));
+            // The timer bounds how long a request's head may take to arrive, idle
+            // keep-alive included: a socket that sends nothing is closed.
             let served = http1::Builder::new()
                 .keep_alive(true)
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
@@ -292,5 +322,19 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
                 tracing::debug!(%err, "http connection ended with an error");
             }
         });
+    }
+}
+
+/// Drops the upgrade-rate state of addresses that went quiet, every second, so that
+/// a flood of distinct addresses holds at most about a second's worth of them.
+async fn forget_idle_addresses(limits: std::sync::Weak<IpLimits>) {
+    let mut tick = tokio::time::interval(FORGET_IDLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(limits) = limits.upgrade() else {
+            return;
+        };
+        limits.forget_idle();
     }
 }

@@ -1,18 +1,24 @@
-//! One WebSocket connection from upgrade to close: reading requests, writing the
-//! client's queue in batches, keepalive, and the close handshake.
+//! The WebSocket transport: one task per connection that reads requests, writes the
+//! session's outbox in batches, answers deferred calls, keeps the connection alive,
+//! and closes it.
 //!
-//! A connection is one task. It never waits on anyone else's socket: fan-out only
-//! touches queues, and this task alone writes this socket.
+//! The task is one poll loop over the socket, the outbox, the deferred replies and a
+//! timer, so reading goes on while a write waits for a slow client: keepalive, the
+//! write timeout and the client's own requests are never stuck behind its socket.
+//! Nothing here ever waits on another client's socket: fan-out only touches queues.
 
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use chorus_hub::{CloseReason, Frame, Identity, Outbox, Outgoing};
-use chorus_rpc::{Context, notification};
-use futures_util::{SinkExt, StreamExt};
+use chorus_hub::{CloseReason, Identity, Outgoing};
+use futures_util::{Sink, Stream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
@@ -20,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::app::{App, ConnectionSlot};
+use crate::session::{Session, SessionEnd};
 
 pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -31,6 +38,10 @@ const BATCH_BYTES: usize = 64 * 1024;
 const READS_BEFORE_WRITE: u32 = 64;
 /// How long the close handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same for a socket that already stopped taking writes.
+const STALLED_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Echo mode stops reading while this many bytes wait to be echoed.
+const ECHO_BACKLOG: usize = 1 << 20;
 
 /// What the connection serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,172 +60,251 @@ enum Ending {
     Gone,
 }
 
-pub async fn run(mut ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSlot) {
-    let hub = app.node.hub();
-    let (client, mut outbox) = hub.create_client(Identity::default());
-    if mode == Mode::Rpc {
-        // Queued before registering, so it is the first frame the client sees.
-        let greeting = notification::value(
-            "sys.connected",
-            &serde_json::json!({"client_id": client.id().to_string(), "node_id": app.node.node_id()}),
-        );
-        let _ = client.send(greeting);
-        hub.register(&client);
-    }
-    app.metrics.connections_total.inc();
+/// What one turn of the loop found.
+enum Step {
+    Inbound(Option<Result<Message, WsError>>),
+    /// Frames were written; look at the socket again before writing more.
+    Wrote,
+    End(Ending),
+    Tick,
+}
 
-    let config = &app.config;
-    let mut keepalive = interval_at(Instant::now() + config.ping_interval, config.ping_interval);
-    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+struct Connection {
+    ws: WsStream,
+    app: Arc<App>,
+    session: Option<Session>,
+    echo: VecDeque<Message>,
+    echo_bytes: usize,
+    reads_in_row: u32,
+    /// Frames fed to the socket since its last completed flush.
+    unflushed: bool,
+    /// When the socket last refused to take a write that is still pending.
+    stalled_since: Option<Instant>,
+    ping_due: bool,
+    next_ping: Instant,
+    last_heard: Instant,
+}
 
-    let mut reads_since_write = 0u32;
-    let ending = loop {
-        if reads_since_write >= READS_BEFORE_WRITE {
-            reads_since_write = 0;
-            // A pending close makes `next` ready at once; otherwise take what is queued.
-            let outgoing = if outbox.pending_close().is_some() {
-                Some(outbox.next().await)
-            } else {
-                outbox.try_next().map(Outgoing::Frame)
-            };
-            if let Some(outgoing) = outgoing
-                && let Err(ending) = send(&mut ws, outgoing, &mut outbox, &app).await
-            {
-                break ending;
-            }
-        }
-        tokio::select! {
-            // Inbound first: see READS_BEFORE_WRITE.
-            biased;
-            inbound = ws.next() => {
-                reads_since_write += 1;
-                last_heard = Instant::now();
-                match inbound {
-                    Some(Ok(Message::Text(text))) => {
-                        app.metrics.messages_received.inc();
-                        match mode {
-                            Mode::Rpc => {
-                                let cx = Context { client: &client, node: app.node.as_ref() };
-                                if let Some(reply) = app.router.handle(&text, &cx, app.metrics.as_ref()) {
-                                    // A full queue closes this client as a slow consumer.
-                                    let _ = client.send(Frame::from(reply));
-                                }
-                            }
-                            Mode::Echo => {
-                                if let Err(ending) = echo(&mut ws, Message::Text(text), &mut outbox, &app).await {
-                                    break ending;
-                                }
-                            }
-                        }
-                    }
-                    Some(Ok(Message::Binary(data))) => match mode {
-                        Mode::Rpc => break Ending::Close(CloseCode::Unsupported, "binary messages are not supported"),
-                        Mode::Echo => {
-                            app.metrics.messages_received.inc();
-                            if let Err(ending) = echo(&mut ws, Message::Binary(data), &mut outbox, &app).await {
-                                break ending;
-                            }
-                        }
-                    },
-                    // Pings are answered by tungstenite; pongs and closes only prove life.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_))) => {}
-                    Some(Err(err)) => break ending_for(&err),
-                    None => break Ending::Gone,
-                }
-            },
-            outgoing = outbox.next() => {
-                reads_since_write = 0;
-                if let Err(ending) = send(&mut ws, outgoing, &mut outbox, &app).await {
-                    break ending;
-                }
-            },
-            _ = keepalive.tick() => {
-                if last_heard.elapsed() > config.pong_timeout {
-                    break Ending::Close(CloseCode::Policy, "keepalive timeout");
-                }
-                let sent = async {
-                    ws.feed(Message::Ping(Bytes::new())).await?;
-                    ws.flush().await
-                };
-                if let Err(ending) = guarded(sent, &outbox).await {
-                    break ending;
-                }
-            },
-        }
+pub async fn run(ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSlot) {
+    let session = match mode {
+        Mode::Rpc => Some(Session::open(Arc::clone(&app), Identity::default())),
+        Mode::Echo => None,
     };
-
-    if mode == Mode::Rpc {
-        app.node.disconnect(&client);
+    let now = Instant::now();
+    let mut connection = Connection {
+        ws,
+        session,
+        echo: VecDeque::new(),
+        echo_bytes: 0,
+        reads_in_row: 0,
+        unflushed: false,
+        stalled_since: None,
+        ping_due: false,
+        next_ping: now + app.config.transport.ping_interval,
+        last_heard: now,
+        app,
+    };
+    let ending = connection.serve().await;
+    let Connection {
+        mut ws,
+        session,
+        stalled_since,
+        ..
+    } = connection;
+    if let Some(session) = session {
+        session.close();
     }
     if let Ending::Close(code, reason) = ending {
-        close(&mut ws, code, reason).await;
+        let patience = if stalled_since.is_some() {
+            STALLED_CLOSE_TIMEOUT
+        } else {
+            CLOSE_TIMEOUT
+        };
+        close(&mut ws, code, reason, patience).await;
     }
     drop(slot);
 }
 
-/// Writes a frame (with whatever else is queued), or turns a close request into the
-/// loop's ending.
-async fn send(
-    ws: &mut WsStream,
-    outgoing: Outgoing,
-    outbox: &mut Outbox,
-    app: &App,
-) -> Result<(), Ending> {
-    match outgoing {
-        Outgoing::Frame(frame) => write_batch(ws, frame, outbox, app).await,
-        Outgoing::Close(reason) => Err(close_for(reason)),
+impl Connection {
+    async fn serve(&mut self) -> Ending {
+        let mut timer = Box::pin(sleep_until(self.next_deadline()));
+        loop {
+            let deadline = self.next_deadline();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            let step = poll_fn(|cx| self.poll_step(cx, timer.as_mut())).await;
+            let outcome = match step {
+                Step::Inbound(inbound) => self.on_inbound(inbound),
+                Step::Wrote => Ok(()),
+                Step::End(ending) => Err(ending),
+                Step::Tick => self.on_tick(),
+            };
+            if let Err(ending) = outcome {
+                return ending;
+            }
+        }
     }
-}
 
-/// Writes `first` and whatever else is already queued, then flushes once.
-async fn write_batch(
-    ws: &mut WsStream,
-    first: Frame,
-    outbox: &mut Outbox,
-    app: &App,
-) -> Result<(), Ending> {
-    let mut bytes = first.len();
-    let mut count = 1u64;
-    let mut feed = ws.feed(Message::Text(first.into_text())).await;
-    while feed.is_ok() && bytes < BATCH_BYTES {
-        let Some(frame) = outbox.try_next() else {
-            break;
+    fn next_deadline(&self) -> Instant {
+        match self.stalled_since {
+            Some(since) => self
+                .next_ping
+                .min(since + self.app.config.transport.write_timeout),
+            None => self.next_ping,
+        }
+    }
+
+    fn poll_step(&mut self, cx: &mut Context<'_>, timer: Pin<&mut Sleep>) -> Poll<Step> {
+        if self.reads_in_row < READS_BEFORE_WRITE
+            && self.can_read()
+            && let Poll::Ready(inbound) = Pin::new(&mut self.ws).poll_next(cx)
+        {
+            self.reads_in_row += 1;
+            return Poll::Ready(Step::Inbound(inbound));
+        }
+        self.reads_in_row = 0;
+        if let Some(session) = &mut self.session {
+            session.poll_deferred(cx);
+        }
+        match self.poll_write(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Step::Wrote),
+            Poll::Ready(Err(ending)) => return Poll::Ready(Step::End(ending)),
+            Poll::Pending => {}
+        }
+        if timer.poll(cx).is_ready() {
+            return Poll::Ready(Step::Tick);
+        }
+        Poll::Pending
+    }
+
+    fn can_read(&self) -> bool {
+        match &self.session {
+            Some(session) => session.can_read(),
+            None => self.echo_bytes < ECHO_BACKLOG,
+        }
+    }
+
+    /// Feeds the socket what is queued, up to a batch, then flushes. Ready once a batch
+    /// went out (there may be more); pending when everything is written or the socket
+    /// is full (its waker, or the outbox's, is registered).
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Ending>> {
+        let mut batch = 0;
+        let mut sent = 0u64;
+        let mut blocked = false;
+        while batch < BATCH_BYTES {
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(ending_for(&err))),
+                Poll::Pending => {
+                    blocked = true;
+                    break;
+                }
+            }
+            let message = if self.ping_due {
+                self.ping_due = false;
+                Message::Ping(Bytes::new())
+            } else if let Some(message) = self.echo.pop_front() {
+                self.echo_bytes -= message.len();
+                sent += 1;
+                message
+            } else if let Some(session) = &mut self.session {
+                match session.outbox.poll_next(cx) {
+                    Poll::Ready(Outgoing::Frame(frame)) => {
+                        sent += 1;
+                        Message::Text(frame.into_text())
+                    }
+                    Poll::Ready(Outgoing::Close(reason)) => {
+                        return Poll::Ready(Err(close_for(reason)));
+                    }
+                    Poll::Pending => break,
+                }
+            } else {
+                break;
+            };
+            batch += message.len();
+            if let Err(err) = Pin::new(&mut self.ws).start_send(message) {
+                return Poll::Ready(Err(ending_for(&err)));
+            }
+            self.unflushed = true;
+        }
+        if sent > 0 {
+            self.app.metrics.messages_sent.inc_by(sent);
+        }
+        if !self.unflushed && !blocked {
+            return Poll::Pending;
+        }
+        match Pin::new(&mut self.ws).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.unflushed = false;
+                self.stalled_since = None;
+                // After a blocked socket drained, the outbox was not looked at: go round.
+                if batch > 0 || blocked {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                }
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(ending_for(&err))),
+            Poll::Pending => {
+                self.stalled_since.get_or_insert_with(Instant::now);
+                Poll::Pending
+            }
+        }
+    }
+
+    fn on_inbound(&mut self, inbound: Option<Result<Message, WsError>>) -> Result<(), Ending> {
+        self.last_heard = Instant::now();
+        let message = match inbound {
+            Some(Ok(message)) => message,
+            Some(Err(err)) => return Err(ending_for(&err)),
+            None => return Err(Ending::Gone),
         };
-        bytes += frame.len();
-        count += 1;
-        feed = ws.feed(Message::Text(frame.into_text())).await;
+        match (message, &mut self.session) {
+            (Message::Text(text), Some(session)) => {
+                self.app.metrics.messages_received.inc();
+                session.handle_text(&text).map_err(|end| match end {
+                    SessionEnd::Flooding => {
+                        self.app.metrics.flood_closes.inc();
+                        Ending::Close(CloseCode::Policy, "request flood")
+                    }
+                })
+            }
+            (Message::Binary(_), Some(_)) => Err(Ending::Close(
+                CloseCode::Unsupported,
+                "binary messages are not supported",
+            )),
+            (message @ (Message::Text(_) | Message::Binary(_)), None) => {
+                self.app.metrics.messages_received.inc();
+                self.echo_bytes += message.len();
+                self.echo.push_back(message);
+                Ok(())
+            }
+            // Pings are answered by tungstenite; pongs and closes only prove life.
+            (Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_), _) => {
+                Ok(())
+            }
+        }
     }
-    app.metrics.messages_sent.inc_by(count);
-    if let Err(err) = feed {
-        return Err(ending_for(&err));
-    }
-    guarded(ws.flush(), outbox).await
-}
 
-async fn echo(
-    ws: &mut WsStream,
-    message: Message,
-    outbox: &mut Outbox,
-    app: &App,
-) -> Result<(), Ending> {
-    app.metrics.messages_sent.inc();
-    let sent = async {
-        ws.feed(message).await?;
-        ws.flush().await
-    };
-    guarded(sent, outbox).await
-}
-
-/// Runs a socket write, giving up if the client is told to close meanwhile (a client
-/// that stopped reading would otherwise hold the write forever).
-async fn guarded(
-    write: impl Future<Output = Result<(), WsError>>,
-    outbox: &Outbox,
-) -> Result<(), Ending> {
-    tokio::select! {
-        result = write => result.map_err(|err| ending_for(&err)),
-        reason = outbox.close_requested() => Err(close_for(reason)),
+    fn on_tick(&mut self) -> Result<(), Ending> {
+        let now = Instant::now();
+        let transport = &self.app.config.transport;
+        if self
+            .stalled_since
+            .is_some_and(|since| now >= since + transport.write_timeout)
+        {
+            self.app.metrics.slow_consumer_drops.inc();
+            return Err(Ending::Close(CloseCode::Again, "write timeout"));
+        }
+        if now >= self.next_ping {
+            if now.duration_since(self.last_heard) > transport.pong_timeout {
+                return Err(Ending::Close(CloseCode::Policy, "keepalive timeout"));
+            }
+            self.ping_due = true;
+            self.next_ping = now + transport.ping_interval;
+        }
+        Ok(())
     }
 }
 
@@ -237,7 +327,7 @@ fn ending_for(err: &WsError) -> Ending {
 }
 
 /// Sends our close frame and waits, briefly, for the peer's reply.
-async fn close(ws: &mut WsStream, code: CloseCode, reason: &'static str) {
+async fn close(ws: &mut WsStream, code: CloseCode, reason: &'static str, patience: Duration) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
@@ -247,5 +337,5 @@ async fn close(ws: &mut WsStream, code: CloseCode, reason: &'static str) {
             while let Some(Ok(_)) = ws.next().await {}
         }
     };
-    let _ = timeout(CLOSE_TIMEOUT, handshake).await;
+    let _ = timeout(patience, handshake).await;
 }

@@ -2,6 +2,7 @@
 //! endpoint), `/health`, `/ready` and `/metrics`. Everything else is 404.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,13 +22,15 @@ type Body = Full<Bytes>;
 
 pub async fn route(
     app: Arc<App>,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path();
-    let response = if path == app.config.ws_path {
-        upgrade(app, request, Mode::Rpc)
-    } else if app.config.echo_path.as_deref() == Some(path) {
-        upgrade(app, request, Mode::Echo)
+    let transport = &app.config.transport;
+    let response = if path == transport.ws_path {
+        upgrade(app, peer, request, Mode::Rpc)
+    } else if transport.echo_path.as_deref() == Some(path) {
+        upgrade(app, peer, request, Mode::Echo)
     } else {
         match (request.method(), path) {
             (&Method::GET | &Method::HEAD, "/health") => health(&app),
@@ -65,17 +68,24 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
 fn health(app: &App) -> Response<Body> {
     let backbone = app.node.backbone_connected();
     let connected = backbone.unwrap_or(true);
-    let status = if connected { "ok" } else { "degraded" };
+    let twin = app.node.twin_node_id_seen();
+    let status = if connected && !twin { "ok" } else { "degraded" };
     json(
         StatusCode::OK,
         &serde_json::json!({
             "status": status,
             "node_id": app.node.node_id(),
+            "node_id_conflict": twin,
             "connections": app.connections(),
-            "pubsub": {"adapter": app.config.backbone.adapter(), "enabled": backbone.is_some(), "connected": connected},
+            "pubsub": {"adapter": app.config.cluster.backbone.adapter(), "enabled": backbone.is_some(), "connected": connected},
             "uptime_s": app.started.elapsed().as_secs(),
         }),
     )
+}
+
+/// A refusal with a JSON body `{"error": reason}`.
+fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": reason }))
 }
 
 fn ready(app: &App) -> Response<Body> {
@@ -113,7 +123,12 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// RFC 6455 section 4.2: validates the handshake, applies origin, drain and
 /// connection limits, answers 101 and hands the socket to a connection task.
-fn upgrade(app: Arc<App>, mut request: Request<Incoming>, mode: Mode) -> Response<Body> {
+fn upgrade(
+    app: Arc<App>,
+    peer: SocketAddr,
+    mut request: Request<Incoming>,
+    mode: Mode,
+) -> Response<Body> {
     let headers = request.headers();
     if request.method() != Method::GET {
         return text(
@@ -154,13 +169,38 @@ fn upgrade(app: Arc<App>, mut request: Request<Incoming>, mode: Mode) -> Respons
     let origin = headers
         .get(header::ORIGIN)
         .and_then(|origin| origin.to_str().ok());
-    if !app.config.allowed_origins.allows(origin) {
+    if !app.config.transport.allowed_origins.allows(origin) {
         return text(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
     if app.is_draining() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
     }
-    let Some(slot) = app.reserve_connection() else {
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok());
+    let client_ip = app
+        .config
+        .limits
+        .trusted_proxies
+        .client_ip(peer.ip(), forwarded);
+    let ip_slot = match app.ip_limits.admit(client_ip) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            if let Some(scope) = refused.scope() {
+                app.metrics.rate_limited(scope);
+            }
+            let mut response = refusal(StatusCode::TOO_MANY_REQUESTS, &refused.to_string());
+            if let chorus_gate::Refusal::RateLimited { retry_after, .. } = refused {
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            return response;
+        }
+    };
+    let Some(slot) = app.reserve_connection(ip_slot) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
 

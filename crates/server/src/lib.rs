@@ -9,6 +9,7 @@ mod http;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+mod session;
 
 pub use app::{RunningServer, StartError, start, start_with_bus};
 pub use config::{Config, ConfigError};

@@ -11,10 +11,10 @@ use crate::config::{Config, LogFormat};
 pub fn init(config: &Config) {
     // async-nats logs every connection event at info (one per dropped message in a
     // slow-consumer storm): quiet it unless the operator asked for it by name.
-    let directives = if config.log_level.contains("async_nats") {
-        config.log_level.clone()
+    let directives = if config.log.level.contains("async_nats") {
+        config.log.level.clone()
     } else {
-        format!("{},async_nats=warn", config.log_level)
+        format!("{},async_nats=warn", config.log.level)
     };
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal: log files and collectors get plain text.
@@ -23,7 +23,7 @@ pub fn init(config: &Config) {
         .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    let _ = match config.log_format {
+    let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use chorus_gate::Scope;
 use chorus_hub::{ClientId, HubEvents};
 use chorus_rpc::{CallRecord, Observer};
 use prometheus::{
@@ -35,6 +36,8 @@ pub struct PubsubMetrics {
     pub errors: IntCounter,
     pub connected: IntGauge,
     pub latency: Histogram,
+    /// Envelopes from another process carrying this replica's node id.
+    pub node_id_conflicts: IntCounter,
     /// Losses inside the adapter, by direction: `published` then `received`.
     dropped: [IntCounter; 2],
 }
@@ -72,8 +75,11 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     pub messages_received: IntCounter,
     pub messages_sent: IntCounter,
-    pub rate_limited: IntCounter,
+    /// By scope, in the order of [`Scope::ALL`].
+    rate_limited: Vec<IntCounter>,
     pub slow_consumer_drops: IntCounter,
+    pub replies_cut: IntCounter,
+    pub flood_closes: IntCounter,
     pub pubsub: PubsubMetrics,
     methods: HashMap<&'static str, MethodSeries>,
 }
@@ -108,14 +114,37 @@ impl Metrics {
             "ws_messages_sent_total",
             "Messages written to client sockets",
         )?;
-        let rate_limited = counter(
-            "ws_rate_limited_total",
-            "Requests refused by the rate limiter",
+        let rate_limited_vec = IntCounterVec::new(
+            Opts::new(
+                "ws_rate_limited_total",
+                "Calls and upgrades refused by a budget: scope connection (request budget), \
+                 publish (a connection's publish budgets), replica (the replica's publish \
+                 budgets), ip (upgrade rate or connections per address)",
+            ),
+            &["scope"],
         )?;
+        registry.register(Box::new(rate_limited_vec.clone()))?;
+        let rate_limited = Scope::ALL
+            .iter()
+            .map(|scope| rate_limited_vec.with_label_values(&[scope.label()]))
+            .collect();
         let slow_consumer_drops = counter(
             "ws_slow_consumer_drops_total",
-            "Clients disconnected because their outbound queue was full",
+            "Clients disconnected (1013) because their outbound queue went over WS_SEND_BUFFER \
+             or their socket accepted no write for WS_WRITE_TIMEOUT",
         )?;
+        let replies_cut = counter(
+            "ws_replies_cut_total",
+            "Replies replaced by -32013 because they would not fit the client's send buffer",
+        )?;
+        let flood_closes = counter(
+            "ws_flood_closes_total",
+            "Connections closed (1008) for pushing at more than ten times their request budget",
+        )?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         let requests = IntCounterVec::new(
             Opts::new(
@@ -187,6 +216,10 @@ impl Metrics {
             &["adapter", "direction"],
         )?;
         registry.register(Box::new(dropped_vec.clone()))?;
+        let node_id_conflicts = counter(
+            "ws_node_id_conflicts_total",
+            "Envelopes from another replica carrying this replica's WS_NODE_ID",
+        )?;
 
         Ok(Self {
             registry,
@@ -196,12 +229,15 @@ impl Metrics {
             messages_sent,
             rate_limited,
             slow_consumer_drops,
+            replies_cut,
+            flood_closes,
             pubsub: PubsubMetrics {
                 published,
                 received,
                 errors,
                 connected: connected_vec.with_label_values(&[adapter]),
                 latency: latency_vec.with_label_values(&[adapter]),
+                node_id_conflicts,
                 dropped: [
                     dropped_vec.with_label_values(&[adapter, "published"]),
                     dropped_vec.with_label_values(&[adapter, "received"]),
@@ -230,12 +266,31 @@ impl Observer for Metrics {
             series.duration.observe(record.elapsed.as_secs_f64());
         }
     }
+
+    fn rate_limited(&self, scope: Scope) {
+        Metrics::rate_limited(self, scope);
+    }
+
+    fn reply_cut(&self) {
+        self.replies_cut.inc();
+    }
+}
+
+impl Metrics {
+    pub fn rate_limited(&self, scope: Scope) {
+        if let Some(index) = Scope::ALL.iter().position(|s| *s == scope) {
+            self.rate_limited[index].inc();
+        }
+    }
 }
 
 impl HubEvents for Metrics {
     fn slow_consumer(&self, client: ClientId) {
         self.slow_consumer_drops.inc();
-        tracing::warn!(client, "outbound queue full: disconnecting slow consumer");
+        tracing::debug!(
+            client,
+            "send buffer over its budget: disconnecting a slow consumer"
+        );
     }
 }
 
@@ -254,8 +309,17 @@ mod tests {
             "ws_messages_sent_total",
             "ws_rpc_requests_total{method=\"ping\",outcome=\"ok\"}",
             "ws_rpc_duration_seconds_bucket{method=\"ping\"",
-            "ws_rate_limited_total",
+            "ws_rate_limited_total{scope=\"connection\"}",
+            "ws_rate_limited_total{scope=\"publish\"}",
+            "ws_rate_limited_total{scope=\"replica\"}",
+            "ws_rate_limited_total{scope=\"ip\"}",
             "ws_slow_consumer_drops_total",
+            "ws_replies_cut_total",
+            "ws_flood_closes_total",
+            "ws_node_id_conflicts_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_cpu_seconds_total",
             "ws_pubsub_published_total{adapter=\"local\"}",
             "ws_pubsub_received_total{adapter=\"local\"}",
             "ws_pubsub_errors_total{adapter=\"local\"}",

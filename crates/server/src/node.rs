@@ -1,15 +1,20 @@
 //! This replica as handlers see it: local delivery through the hub, and the backbone
-//! for every other replica (envelopes out, envelopes in, channel interest).
+//! for every other replica (envelopes out, envelopes in, channel interest and its
+//! confirmation, heartbeats that reveal a twin node id).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_hub::{ClientHandle, Frame, Hub};
 use chorus_pubsub::{Backbone, Envelope, Kind, MessageIds, RecentIds, now_ms};
-use chorus_rpc::{Delivery, Node};
-use tokio::sync::{Notify, mpsc};
+use chorus_rpc::{Delivery, Node, Subscribed};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::metrics::{BackboneSnapshot, PubsubMetrics};
 
@@ -17,6 +22,14 @@ use crate::metrics::{BackboneSnapshot, PubsubMetrics};
 const RECENT_IDS: usize = 65_536;
 /// Pause before a refused backbone (un)subscription is tried again.
 const INTEREST_RETRY: Duration = Duration::from_millis(200);
+/// Longest wait for the backbone to confirm a subscription before `subscribe` answers
+/// that it holds on this replica only.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a replica says it is alive on the broadcast topic.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long `/health` stays degraded after a twin node id was last seen.
+const TWIN_MEMORY: Duration = Duration::from_secs(60);
+const SHARDS: usize = 32;
 
 /// Topic names for one cluster: the broadcast topic is the prefix itself, and a
 /// channel's topic is `prefix/channel`. The prefix cannot contain `/`, so no channel
@@ -62,6 +75,64 @@ impl InterestChanges {
     }
 }
 
+/// Whether the backbone confirmed a channel, and who waits for it to.
+#[derive(Default)]
+struct Confirmation {
+    /// The backbone connection ([`Backbone::generation`]) that confirmed it.
+    generation: Option<u64>,
+    waiters: Vec<oneshot::Sender<bool>>,
+}
+
+type ConfirmationShard = Mutex<HashMap<Arc<str>, Confirmation>>;
+
+/// Per-channel confirmations, sharded like the hub's channel index.
+struct Confirmations {
+    shards: Box<[ConfirmationShard]>,
+    hasher: RandomState,
+}
+
+impl Confirmations {
+    fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> MutexGuard<'_, HashMap<Arc<str>, Confirmation>> {
+        #[allow(clippy::cast_possible_truncation)]
+        let index = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        lock(&self.shards[index])
+    }
+
+    /// Records the backbone's answer for `channel` and passes it to every waiter.
+    fn settle(&self, channel: &str, generation: u64, held: bool) {
+        let mut shard = self.shard(channel);
+        if let Some(confirmation) = shard.get_mut(channel) {
+            if held {
+                confirmation.generation = Some(generation);
+            }
+            for waiter in confirmation.waiters.drain(..) {
+                let _ = waiter.send(held);
+            }
+        }
+    }
+
+    fn needs_answer(&self, channel: &str, generation: u64) -> bool {
+        self.shard(channel)
+            .get(channel)
+            .is_some_and(|c| !c.waiters.is_empty() || c.generation != Some(generation))
+    }
+
+    fn forget(&self, channel: &str) {
+        if let Some(confirmation) = self.shard(channel).remove(channel) {
+            for waiter in confirmation.waiters {
+                let _ = waiter.send(false);
+            }
+        }
+    }
+}
+
 /// The replica: hub plus (optionally) a backbone.
 pub struct ClusterNode {
     node_id: String,
@@ -70,6 +141,11 @@ pub struct ClusterNode {
     topics: Topics,
     ids: MessageIds,
     interest: Arc<InterestChanges>,
+    confirmations: Confirmations,
+    /// Milliseconds since `started` when an envelope from another process with this
+    /// node id was last seen, plus one; 0 for never.
+    twin_seen_ms: AtomicU64,
+    started: Instant,
     metrics: PubsubMetrics,
 }
 
@@ -82,8 +158,9 @@ impl std::fmt::Debug for ClusterNode {
 }
 
 impl ClusterNode {
-    /// Builds the node and, with a backbone, starts its receive and interest tasks.
-    /// `incoming` is the receiving end of the channel the backbone delivers into.
+    /// Builds the node and, with a backbone, starts its receive, interest and
+    /// heartbeat tasks. `incoming` is the receiving end of the channel the backbone
+    /// delivers into.
     pub fn start(
         node_id: String,
         hub: Arc<Hub>,
@@ -99,6 +176,9 @@ impl ClusterNode {
             topics,
             ids: MessageIds::new(),
             interest: Arc::default(),
+            confirmations: Confirmations::new(),
+            twin_seen_ms: AtomicU64::new(0),
+            started: Instant::now(),
             metrics,
         });
         if let (Some(backbone), Some(incoming)) = (&node.backbone, incoming) {
@@ -112,6 +192,7 @@ impl ClusterNode {
                 Arc::clone(&node.interest),
                 Arc::clone(backbone),
             ));
+            tokio::spawn(heartbeat(Arc::downgrade(&node)));
         }
         node
     }
@@ -129,6 +210,13 @@ impl ClusterNode {
         self.backbone
             .as_ref()
             .map(|backbone| backbone.is_connected())
+    }
+
+    /// Whether another process with this node id was heard from recently: two
+    /// replicas sharing an id drop each other's echoes and confuse every operator.
+    pub fn twin_node_id_seen(&self) -> bool {
+        let seen = self.twin_seen_ms.load(Ordering::Relaxed);
+        seen > 0 && self.elapsed_ms().saturating_sub(seen - 1) < millis(TWIN_MEMORY)
     }
 
     /// What `/metrics` reports about the backbone; standalone counts as connected.
@@ -155,7 +243,26 @@ impl ClusterNode {
         }
     }
 
-    fn send_to_cluster(&self, kind: Kind, target: &str, topic: &str, frame: &Frame) -> Delivery {
+    /// Waits, at most `timeout`, until every publication accepted so far has left for
+    /// the backbone.
+    pub async fn flush_backbone(&self, timeout: Duration) {
+        if let Some(backbone) = &self.backbone
+            && tokio::time::timeout(timeout, backbone.flush())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "the backbone did not take every publication in time"
+            );
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        millis(self.started.elapsed())
+    }
+
+    fn send_to_cluster(&self, kind: Kind, target: &str, topic: &str, payload: Bytes) -> Delivery {
         let Some(backbone) = &self.backbone else {
             return Delivery::Cluster;
         };
@@ -169,7 +276,7 @@ impl ClusterNode {
             origin_ts_ms: now_ms(),
             kind,
             target: target.to_owned(),
-            payload: frame.as_bytes().clone(),
+            payload,
         };
         let published = envelope
             .encode()
@@ -181,7 +288,9 @@ impl ClusterNode {
             });
         match published {
             Ok(()) => {
-                self.metrics.published.inc();
+                if kind != Kind::Heartbeat {
+                    self.metrics.published.inc();
+                }
                 Delivery::Cluster
             }
             Err(err) => {
@@ -202,8 +311,17 @@ impl ClusterNode {
                 return;
             }
         };
-        // Our own publications come back from the backbone; we delivered them already.
-        if envelope.origin == self.node_id || !recent.insert(envelope.id) {
+        if envelope.origin == self.node_id {
+            // Our own publications come back from the backbone; we delivered them already.
+            if self.ids.is_own(envelope.id) {
+                return;
+            }
+            self.twin_seen();
+        }
+        if !recent.insert(envelope.id) {
+            return;
+        }
+        if envelope.kind == Kind::Heartbeat {
             return;
         }
         self.metrics.received.inc();
@@ -232,12 +350,31 @@ impl ClusterNode {
             .latency
             .observe(Duration::from_millis(latency_ms).as_secs_f64());
     }
+
+    fn twin_seen(&self) {
+        let previous = self
+            .twin_seen_ms
+            .swap(self.elapsed_ms() + 1, Ordering::Relaxed);
+        self.metrics.node_id_conflicts.inc();
+        // One line per episode, not one per envelope.
+        if previous == 0 || self.elapsed_ms().saturating_sub(previous - 1) >= millis(TWIN_MEMORY) {
+            tracing::error!(
+                node_id = self.node_id,
+                "another replica uses this node id (WS_NODE_ID): give every replica its own"
+            );
+        }
+    }
 }
 
 impl Node for ClusterNode {
     fn broadcast(&self, frame: Frame) -> Delivery {
         self.hub.broadcast(&frame);
-        self.send_to_cluster(Kind::Broadcast, "", self.topics.broadcast(), &frame)
+        self.send_to_cluster(
+            Kind::Broadcast,
+            "",
+            self.topics.broadcast(),
+            frame.as_bytes().clone(),
+        )
     }
 
     fn publish(&self, channel: &str, frame: Frame) -> Delivery {
@@ -249,16 +386,36 @@ impl Node for ClusterNode {
             Kind::Channel,
             channel,
             &self.topics.channel(channel),
-            &frame,
+            frame.as_bytes().clone(),
         )
     }
 
-    fn subscribe(&self, client: &ClientHandle, channel: &str) -> bool {
-        let outcome = self.hub.subscribe(client, channel);
-        if outcome.first_on_node && self.backbone.is_some() {
+    fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed {
+        self.hub.subscribe(client, channel);
+        let Some(backbone) = &self.backbone else {
+            return Subscribed::Cluster;
+        };
+        if !backbone.is_connected() {
+            // Taken as soon as the backbone is back.
             self.interest.mark(channel);
+            return Subscribed::LocalOnly;
         }
-        outcome.added
+        let generation = backbone.generation();
+        let (waiter, answer) = oneshot::channel();
+        {
+            let mut shard = self.confirmations.shard(channel);
+            let confirmation = shard.entry(Arc::from(channel)).or_default();
+            if confirmation.generation == Some(generation) {
+                return Subscribed::Cluster;
+            }
+            confirmation.waiters.push(waiter);
+            if confirmation.waiters.len() > 1 {
+                // The backbone is being asked already; its answer serves everyone.
+                return Subscribed::Pending(pending(answer));
+            }
+        }
+        self.interest.mark(channel);
+        Subscribed::Pending(pending(answer))
     }
 
     fn unsubscribe(&self, client: &ClientHandle, channel: &str) -> bool {
@@ -270,6 +427,17 @@ impl Node for ClusterNode {
     }
 }
 
+fn pending(
+    answer: oneshot::Receiver<bool>,
+) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> {
+    Box::pin(async move {
+        matches!(
+            tokio::time::timeout(SUBSCRIBE_TIMEOUT, answer).await,
+            Ok(Ok(true))
+        )
+    })
+}
+
 async fn receive(node: Arc<ClusterNode>, mut incoming: mpsc::Receiver<Bytes>) {
     let mut recent = RecentIds::new(RECENT_IDS);
     while let Some(bytes) = incoming.recv().await {
@@ -278,47 +446,93 @@ async fn receive(node: Arc<ClusterNode>, mut incoming: mpsc::Receiver<Bytes>) {
 }
 
 /// Keeps the backbone subscribed to exactly the channels that have a local
-/// subscriber. It compares the hub's current state with what it holds instead of
-/// replaying events, so a subscribe and an unsubscribe racing each other still end in
-/// the right state.
+/// subscriber, and answers the subscriptions waiting for the backbone. It compares
+/// the hub's current state with what it holds instead of replaying events, so a
+/// subscribe and an unsubscribe racing each other still end in the right state.
 async fn reconcile_interest(
-    node: std::sync::Weak<ClusterNode>,
+    node: Weak<ClusterNode>,
     changes: Arc<InterestChanges>,
     backbone: Arc<dyn Backbone>,
 ) {
     let mut held: HashSet<Arc<str>> = HashSet::new();
+    let mut answers = FuturesUnordered::new();
     loop {
-        changes.wake.notified().await;
+        let settled: Option<(Arc<str>, u64, bool)> = tokio::select! {
+            () = changes.wake.notified() => None,
+            Some(settled) = answers.next(), if !answers.is_empty() => Some(settled),
+        };
         let Some(node) = node.upgrade() else { return };
+        if let Some((channel, generation, confirmed)) = settled {
+            node.confirmations.settle(&channel, generation, confirmed);
+            continue;
+        }
         let mut failed = Vec::new();
         for channel in changes.take() {
             let wanted = node.hub.has_subscribers(&channel);
             let topic = node.topics.channel(&channel);
-            let result = match (wanted, held.contains(&channel)) {
-                (true, false) => backbone.subscribe(&topic).map(|()| {
-                    held.insert(Arc::clone(&channel));
-                }),
-                (false, true) => backbone.unsubscribe(&topic).map(|()| {
-                    held.remove(&channel);
-                }),
-                _ => Ok(()),
-            };
-            if let Err(err) = result {
-                node.metrics.errors.inc();
-                tracing::warn!(%err, topic, "could not change the backbone subscription; retrying");
-                failed.push(channel);
+            let generation = backbone.generation();
+            if wanted
+                && (!held.contains(&channel)
+                    || node.confirmations.needs_answer(&channel, generation))
+            {
+                match backbone.subscribe(&topic) {
+                    Ok(answer) => {
+                        held.insert(Arc::clone(&channel));
+                        answers.push(async move {
+                            (channel, generation, answer.await.unwrap_or(false))
+                        });
+                    }
+                    Err(err) => {
+                        node.metrics.errors.inc();
+                        tracing::warn!(%err, topic, "could not subscribe on the backbone; retrying");
+                        failed.push(channel);
+                    }
+                }
+            } else if !wanted && held.contains(&channel) {
+                node.confirmations.forget(&channel);
+                match backbone.unsubscribe(&topic) {
+                    Ok(()) => {
+                        held.remove(&channel);
+                    }
+                    Err(err) => {
+                        node.metrics.errors.inc();
+                        tracing::warn!(%err, topic, "could not unsubscribe on the backbone; retrying");
+                        failed.push(channel);
+                    }
+                }
             }
         }
         drop(node);
         // A refused change (the adapter's queue full) is not forgotten: without a
         // retry the channel would stay unsubscribed until its interest changed again.
         if !failed.is_empty() {
-            tokio::time::sleep(INTEREST_RETRY).await;
-            for channel in failed {
-                changes.mark(&channel);
-            }
+            let changes = Arc::clone(&changes);
+            tokio::spawn(async move {
+                tokio::time::sleep(INTEREST_RETRY).await;
+                for channel in failed {
+                    changes.mark(&channel);
+                }
+            });
         }
     }
+}
+
+/// Publishes a heartbeat envelope now and then, so that a replica with the same node
+/// id notices this one even when no client publishes anything.
+async fn heartbeat(node: Weak<ClusterNode>) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.backbone_connected() == Some(true) {
+            node.send_to_cluster(Kind::Heartbeat, "", node.topics.broadcast(), Bytes::new());
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -329,10 +543,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use chorus_hub::{Hub, Identity};
-    use chorus_pubsub::PubsubError;
+    use chorus_pubsub::local::LocalBus;
+    use chorus_pubsub::{Held, PubsubError, held};
     use chorus_rpc::Node as _;
 
     use super::*;
@@ -355,24 +570,28 @@ mod tests {
         fn publish(&self, _topic: &str, _payload: Bytes) -> Result<(), PubsubError> {
             Ok(())
         }
-        fn subscribe(&self, topic: &str) -> Result<(), PubsubError> {
+        fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
             let left = self.refusals.load(Ordering::Acquire);
             if left > 0 {
                 self.refusals.store(left - 1, Ordering::Release);
                 return Err(PubsubError::Backlogged("refusing"));
             }
             let _ = self.subscribed.send(topic.to_owned());
-            Ok(())
+            Ok(held(true))
         }
         fn unsubscribe(&self, _topic: &str) -> Result<(), PubsubError> {
             Ok(())
         }
     }
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new("test", &[]).expect("metrics"))
+    }
+
     #[tokio::test]
-    async fn a_refused_subscription_is_retried() {
-        let metrics = Arc::new(Metrics::new("refusing", &[]).expect("metrics"));
-        let hub = Arc::new(Hub::new(16, metrics.clone()));
+    async fn a_refused_subscription_is_retried_and_then_confirmed() {
+        let metrics = metrics();
+        let hub = Arc::new(Hub::new(1 << 16, metrics.clone()));
         let (subscribed, mut accepted) = mpsc::unbounded_channel();
         // The broadcast topic is subscribed at start; the channel's first attempt fails.
         let backbone = Arc::new(RefusingBackbone {
@@ -392,15 +611,59 @@ mod tests {
         backbone.refusals.store(1, Ordering::Release);
         let (client, _outbox) = hub.create_client(Identity::default());
         hub.register(&client);
-        assert!(node.subscribe(&client, "items:42"));
+        let Subscribed::Pending(confirmed) = node.subscribe(&client, "items:42") else {
+            panic!("the first subscription waits for the backbone");
+        };
         let retried = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
             .await
             .expect("the refused subscription is tried again");
         assert_eq!(retried.as_deref(), Some("test/items:42"));
-        assert_eq!(
-            backbone.refusals.load(Ordering::Acquire),
-            0,
-            "first attempt was refused"
+        assert!(confirmed.await, "confirmed once the retry went through");
+        assert_eq!(backbone.refusals.load(Ordering::Acquire), 0);
+        let (second, _outbox) = hub.create_client(Identity::default());
+        assert!(
+            matches!(node.subscribe(&second, "items:42"), Subscribed::Cluster),
+            "a confirmed channel needs no second round trip"
         );
+    }
+
+    #[tokio::test]
+    async fn a_twin_node_id_is_noticed_and_its_messages_delivered() {
+        let bus = LocalBus::new();
+        let start = |bus: &LocalBus| {
+            let metrics = metrics();
+            let hub = Arc::new(Hub::new(1 << 16, metrics.clone()));
+            let (incoming_tx, incoming) = mpsc::channel(16);
+            let backbone: Arc<dyn Backbone> = Arc::new(bus.attach(incoming_tx));
+            let node = ClusterNode::start(
+                "same".into(),
+                Arc::clone(&hub),
+                Some((backbone, incoming)),
+                Topics::new("t"),
+                metrics.pubsub.clone(),
+            );
+            (node, hub, metrics)
+        };
+        let (a, _, a_metrics) = start(&bus);
+        let (b, b_hub, _) = start(&bus);
+        let (client, mut outbox) = b_hub.create_client(Identity::default());
+        b_hub.register(&client);
+        assert!(!b.twin_node_id_seen());
+        a.broadcast(Frame::from_static("{}"));
+        assert_eq!(
+            outbox.next().await,
+            chorus_hub::Outgoing::Frame(Frame::from_static("{}")),
+            "the twin's broadcast is not mistaken for an echo"
+        );
+        assert!(b.twin_node_id_seen());
+        b.broadcast(Frame::from_static("{}"));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !a.twin_node_id_seen() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a notices b");
+        assert!(a_metrics.render().contains("ws_node_id_conflicts_total 1"));
     }
 }

@@ -1,24 +1,35 @@
 //! `broadcast`: sends the caller's params, as the `broadcast` notification, to every
 //! client of every replica, the caller included.
 
-use crate::{Context, Delivery, ErrorCode, Handler, Params, Reply, RpcError, notification};
+use serde_json::value::RawValue;
+
+use crate::{Access, Context, Delivery, Method, Params, Reply, RpcError, notification};
 
 pub struct Broadcast;
 
-impl Handler for Broadcast {
-    fn call<'p>(&self, cx: &Context<'_>, params: Params<'p>) -> Result<Reply<'p>, RpcError> {
-        let Some(raw) = params.raw().filter(|_| params.is_object()) else {
-            return Err(RpcError::invalid_params("broadcast takes an object"));
-        };
-        match cx.node.broadcast(notification::raw("broadcast", raw.get())) {
-            Delivery::Cluster => Ok(Reply::Static(r#"{"status":"broadcasted"}"#)),
-            Delivery::LocalOnly => Err(local_only()),
+impl Method for Broadcast {
+    type Params<'p> = &'p RawValue;
+
+    fn parse<'p>(&self, params: Params<'p>) -> Result<Self::Params<'p>, RpcError> {
+        params
+            .raw()
+            .filter(|_| params.is_object())
+            .ok_or_else(|| RpcError::invalid_params("broadcast takes an object"))
+    }
+
+    fn access<'a>(&self, params: &'a Self::Params<'_>) -> Access<'a> {
+        Access::Broadcast {
+            bytes: params.get().len(),
         }
     }
-}
 
-/// -32053 after a delivery that reached this replica's clients only.
-pub(super) fn local_only() -> RpcError {
-    RpcError::with_detail(ErrorCode::Unavailable, "cluster backbone is down")
-        .data(serde_json::json!({"delivered": "local"}))
+    fn call<'p>(&self, cx: &Context<'_>, params: &Self::Params<'p>) -> Result<Reply<'p>, RpcError> {
+        match cx
+            .node()
+            .broadcast(notification::raw("broadcast", params.get()))
+        {
+            Delivery::Cluster => Ok(Reply::Static(r#"{"status":"broadcasted"}"#)),
+            Delivery::LocalOnly => Err(RpcError::delivered_locally()),
+        }
+    }
 }

@@ -29,6 +29,6 @@ pub(super) fn channel_param<'p>(params: Params<'p>) -> Result<Cow<'p, str>, RpcE
 }
 
 /// `{"channel": <name>}` as a result.
-pub(super) fn channel_result<'p>(channel: &str) -> crate::Reply<'p> {
+pub(super) fn channel_result(channel: &str) -> crate::Reply<'static> {
     crate::Reply::Json(serde_json::json!({ "channel": channel }))
 }

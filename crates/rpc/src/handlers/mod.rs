@@ -1,5 +1,7 @@
-//! One module per client method. To add a method: write a module with a [`Handler`]
+//! One module per client method. To add a method: write a module with a [`Method`]
 //! and add one line to [`register_all`].
+//!
+//! [`Method`]: crate::Method
 
 mod broadcast;
 mod channel;

@@ -1,11 +1,17 @@
 //! `ping`: answers `"pong"`, so a client can check the connection end to end.
 
-use crate::{Context, Handler, Params, Reply, RpcError};
+use crate::{Context, Method, Params, Reply, RpcError};
 
 pub struct Ping;
 
-impl Handler for Ping {
-    fn call<'p>(&self, _: &Context<'_>, _: Params<'p>) -> Result<Reply<'p>, RpcError> {
+impl Method for Ping {
+    type Params<'p> = ();
+
+    fn parse(&self, _: Params<'_>) -> Result<(), RpcError> {
+        Ok(())
+    }
+
+    fn call<'p>(&self, _: &Context<'_>, (): &Self::Params<'p>) -> Result<Reply<'p>, RpcError> {
         Ok(Reply::Static(r#""pong""#))
     }
 }

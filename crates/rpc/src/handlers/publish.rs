@@ -6,14 +6,15 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::broadcast::local_only;
 use super::channel::channel_result;
-use crate::{Context, Delivery, Handler, Params, Reply, RpcError, notification, validate_channel};
+use crate::{
+    Access, Context, Delivery, Method, Params, Reply, RpcError, notification, validate_channel,
+};
 
 pub struct Publish;
 
 #[derive(Deserialize)]
-struct PublishParams<'a> {
+pub struct PublishParams<'a> {
     #[serde(borrow)]
     channel: Cow<'a, str>,
     #[serde(borrow)]
@@ -29,17 +30,30 @@ impl<'a> From<PositionalPublish<'a>> for PublishParams<'a> {
     }
 }
 
-impl Handler for Publish {
-    fn call<'p>(&self, cx: &Context<'_>, params: Params<'p>) -> Result<Reply<'p>, RpcError> {
-        let PublishParams { channel, data } =
-            params.named_or_positional::<_, PositionalPublish<'p>>()?;
-        validate_channel(&channel)?;
+impl Method for Publish {
+    type Params<'p> = PublishParams<'p>;
+
+    fn parse<'p>(&self, params: Params<'p>) -> Result<PublishParams<'p>, RpcError> {
+        let parsed: PublishParams<'p> = params.named_or_positional::<_, PositionalPublish<'p>>()?;
+        validate_channel(&parsed.channel)?;
+        Ok(parsed)
+    }
+
+    fn access<'a>(&self, params: &'a PublishParams<'_>) -> Access<'a> {
+        Access::Publish {
+            channel: &params.channel,
+            bytes: params.data.get().len(),
+        }
+    }
+
+    fn call<'p>(&self, cx: &Context<'_>, params: &Self::Params<'p>) -> Result<Reply<'p>, RpcError> {
+        let channel = params.channel.as_ref();
         match cx
-            .node
-            .publish(&channel, notification::channel_message(&channel, data))
+            .node()
+            .publish(channel, notification::channel_message(channel, params.data))
         {
-            Delivery::Cluster => Ok(channel_result(&channel)),
-            Delivery::LocalOnly => Err(local_only()),
+            Delivery::Cluster => Ok(channel_result(channel)),
+            Delivery::LocalOnly => Err(RpcError::delivered_locally()),
         }
     }
 }

@@ -1,21 +1,34 @@
-//! Handler behaviour against a real hub, through the router.
+//! Handler behaviour against a real hub, through the router and its guard.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use chorus_gate::{Gate, Limits, Rate, RequestRate};
 use chorus_hub::{ClientHandle, Frame, Hub, Identity, NoEvents, Outbox};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 
-use crate::{Context, Delivery, NoObserver, Node, Router};
+use crate::{Caller, Context, Delivery, Handled, NoObserver, Node, Router, Services, Subscribed};
 
-/// A single node: the hub is the whole cluster, unless `backbone_down`.
+/// How the test node answers a subscription.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backbone {
+    Up,
+    Down,
+    /// Subscriptions wait until the test confirms them.
+    Slow,
+}
+
+/// A single node: the hub is the whole cluster.
 struct HubNode {
     hub: Hub,
-    backbone_down: bool,
+    backbone: Backbone,
+    confirmations: Mutex<Vec<oneshot::Sender<bool>>>,
 }
 
 impl HubNode {
     fn delivery(&self) -> Delivery {
-        if self.backbone_down {
+        if self.backbone == Backbone::Down {
             Delivery::LocalOnly
         } else {
             Delivery::Cluster
@@ -32,46 +45,103 @@ impl Node for HubNode {
         self.hub.publish(channel, &frame);
         self.delivery()
     }
-    fn subscribe(&self, client: &ClientHandle, channel: &str) -> bool {
-        self.hub.subscribe(client, channel).added
+    fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed {
+        self.hub.subscribe(client, channel);
+        match self.backbone {
+            Backbone::Up => Subscribed::Cluster,
+            Backbone::Down => Subscribed::LocalOnly,
+            Backbone::Slow => {
+                let (confirm, confirmed) = oneshot::channel();
+                self.confirmations
+                    .lock()
+                    .expect("not poisoned")
+                    .push(confirm);
+                Subscribed::Pending(Box::pin(async move { confirmed.await.unwrap_or(false) }))
+            }
+        }
     }
     fn unsubscribe(&self, client: &ClientHandle, channel: &str) -> bool {
         self.hub.unsubscribe(client, channel).removed
     }
 }
 
+/// Limits that never get in the way unless a test sets them.
+fn open_limits() -> Limits {
+    Limits {
+        publish_rate: None,
+        publish_bytes: None,
+        publish_rate_total: None,
+        publish_bytes_total: None,
+        ..Limits::default()
+    }
+}
+
 struct Setup {
-    node: HubNode,
+    node: Arc<HubNode>,
+    services: Arc<Services>,
     router: Router,
 }
 
 impl Setup {
-    fn new(backbone_down: bool) -> Self {
+    fn new(backbone: Backbone) -> Self {
+        Self::with(backbone, open_limits(), 1 << 20)
+    }
+
+    fn with(backbone: Backbone, limits: Limits, send_budget: usize) -> Self {
+        let node = Arc::new(HubNode {
+            hub: Hub::new(send_budget, Arc::new(NoEvents)),
+            backbone,
+            confirmations: Mutex::default(),
+        });
+        let services = Arc::new(Services {
+            node: node.clone(),
+            gate: Arc::new(Gate::new(limits)),
+            observer: Arc::new(NoObserver),
+        });
         Self {
-            node: HubNode {
-                hub: Hub::new(16, Arc::new(NoEvents)),
-                backbone_down,
-            },
+            node,
+            services,
             router: Router::with_builtin_methods(),
         }
     }
 
-    fn client(&self) -> (ClientHandle, Outbox) {
+    fn client(&self) -> (Arc<Caller>, Outbox) {
         let (client, outbox) = self.node.hub.create_client(Identity::default());
         self.node.hub.register(&client);
-        (client, outbox)
+        let caller = Arc::new(Caller::new(client, self.services.gate.connection()));
+        (caller, outbox)
     }
 
-    fn call(&self, client: &ClientHandle, request: Value) -> Value {
+    fn handle(&self, caller: &Arc<Caller>, text: &str) -> Handled {
         let cx = Context {
-            client,
-            node: &self.node,
+            services: &self.services,
+            caller,
         };
-        let reply = self
-            .router
-            .handle(&request.to_string(), &cx, &NoObserver)
-            .expect("a request gets a reply");
-        serde_json::from_str(&reply).expect("reply is JSON")
+        self.router.handle(text, &cx)
+    }
+
+    /// A message answered now.
+    fn send(&self, caller: &Arc<Caller>, message: &Value) -> Value {
+        match self.handle(caller, &message.to_string()) {
+            Handled::Now(reply) => serde_json::from_str(&reply).expect("reply is JSON"),
+            other => panic!("expected a reply now, got {other:?}"),
+        }
+    }
+
+    fn call(&self, caller: &Arc<Caller>, request: Value) -> Value {
+        self.send(caller, &request)
+    }
+
+    fn confirm_subscriptions(&self, held: bool) {
+        for confirm in self
+            .node
+            .confirmations
+            .lock()
+            .expect("not poisoned")
+            .drain(..)
+        {
+            let _ = confirm.send(held);
+        }
     }
 }
 
@@ -85,9 +155,22 @@ fn next_json(outbox: &mut Outbox) -> Option<Value> {
         .map(|frame| serde_json::from_str(frame.as_str()).expect("frame is JSON"))
 }
 
+async fn later(handled: Handled) -> Value {
+    match handled {
+        Handled::Later { reply, .. } => {
+            let text = tokio::time::timeout(Duration::from_secs(5), reply)
+                .await
+                .expect("resolves")
+                .expect("a reply is owed");
+            serde_json::from_str(&text).expect("reply is JSON")
+        }
+        other => panic!("expected a deferred reply, got {other:?}"),
+    }
+}
+
 #[test]
 fn self_reply_echoes_params_and_ping_pongs() {
-    let setup = Setup::new(false);
+    let setup = Setup::new(Backbone::Up);
     let (client, _outbox) = setup.client();
     let params = json!({"a": [1, {"b": null}]});
     assert_eq!(
@@ -105,7 +188,7 @@ fn self_reply_echoes_params_and_ping_pongs() {
 
 #[test]
 fn broadcast_reaches_everyone_including_the_caller() {
-    let setup = Setup::new(false);
+    let setup = Setup::new(Backbone::Up);
     let (caller, mut caller_out) = setup.client();
     let (_other, mut other_out) = setup.client();
     let reply = setup.call(&caller, request("broadcast", json!({"text": "hi"})));
@@ -117,7 +200,7 @@ fn broadcast_reaches_everyone_including_the_caller() {
 
 #[test]
 fn broadcast_needs_an_object() {
-    let setup = Setup::new(false);
+    let setup = Setup::new(Backbone::Up);
     let (client, _outbox) = setup.client();
     assert_eq!(
         setup.call(&client, request("broadcast", json!([1])))["error"]["code"],
@@ -127,7 +210,7 @@ fn broadcast_needs_an_object() {
 
 #[test]
 fn subscribe_publish_unsubscribe() {
-    let setup = Setup::new(false);
+    let setup = Setup::new(Backbone::Up);
     let (subscriber, mut sub_out) = setup.client();
     let (publisher, mut pub_out) = setup.client();
     assert_eq!(
@@ -169,7 +252,7 @@ fn subscribe_publish_unsubscribe() {
 
 #[test]
 fn bad_channel_params_are_invalid_params() {
-    let setup = Setup::new(false);
+    let setup = Setup::new(Backbone::Up);
     let (client, _outbox) = setup.client();
     for params in [
         json!({"channel": ""}),
@@ -202,7 +285,7 @@ fn bad_channel_params_are_invalid_params() {
 
 #[test]
 fn a_down_backbone_is_reported_after_local_delivery() {
-    let setup = Setup::new(true);
+    let setup = Setup::new(Backbone::Down);
     let (client, mut outbox) = setup.client();
     let reply = setup.call(&client, request("broadcast", json!({"x": 1})));
     assert_eq!(reply["error"]["code"], -32053);
@@ -213,4 +296,302 @@ fn a_down_backbone_is_reported_after_local_delivery() {
         request("publish", json!({"channel": "c", "data": 1})),
     );
     assert_eq!(reply["error"]["data"], json!({"delivered": "local"}));
+    let reply = setup.call(&client, request("subscribe", json!({"channel": "c"})));
+    assert_eq!(reply["error"]["code"], -32053);
+    assert_eq!(reply["error"]["data"], json!({"subscribed": "local"}));
+    assert!(client.client.is_subscribed("c"), "the subscription is kept");
+}
+
+#[tokio::test]
+async fn subscribe_answers_once_the_backbone_holds_the_channel() {
+    let setup = Setup::new(Backbone::Slow);
+    let (client, _outbox) = setup.client();
+    let pending = setup.handle(
+        &client,
+        &request("subscribe", json!({"channel": "c"})).to_string(),
+    );
+    assert!(matches!(pending, Handled::Later { calls: 1, .. }));
+    // Other calls of the same client are answered meanwhile.
+    assert_eq!(
+        setup.call(
+            &client,
+            json!({"jsonrpc": "2.0", "method": "ping", "id": 2})
+        )["result"],
+        "pong"
+    );
+    setup.confirm_subscriptions(true);
+    assert_eq!(later(pending).await["result"], json!({"channel": "c"}));
+
+    let pending = setup.handle(
+        &client,
+        &request("subscribe", json!({"channel": "d"})).to_string(),
+    );
+    setup.confirm_subscriptions(false);
+    assert_eq!(
+        later(pending).await["error"]["data"],
+        json!({"subscribed": "local"})
+    );
+}
+
+#[tokio::test]
+async fn a_call_behind_a_pending_subscribe_of_its_channel_waits_for_it() {
+    let setup = Setup::new(Backbone::Slow);
+    let (client, mut outbox) = setup.client();
+    let subscribe = setup.handle(
+        &client,
+        &request("subscribe", json!({"channel": "c"})).to_string(),
+    );
+    let publish = setup.handle(
+        &client,
+        &json!({"jsonrpc": "2.0", "method": "publish", "params": {"channel": "c", "data": 1}, "id": 8})
+            .to_string(),
+    );
+    let Handled::Later { reply: publish, .. } = publish else {
+        panic!("the publish waits for the subscribe");
+    };
+    // Another channel does not wait.
+    let other = setup.call(
+        &client,
+        request("publish", json!({"channel": "other", "data": 1})),
+    );
+    assert_eq!(other["result"], json!({"channel": "other"}));
+    let publish = tokio::spawn(publish);
+    tokio::task::yield_now().await;
+    assert!(!publish.is_finished(), "still waiting");
+    assert!(next_json(&mut outbox).is_none(), "not published yet");
+    setup.confirm_subscriptions(true);
+    assert_eq!(later(subscribe).await["result"], json!({"channel": "c"}));
+    let reply: Value =
+        serde_json::from_str(&publish.await.expect("joins").expect("owed")).expect("JSON");
+    assert_eq!(
+        reply,
+        json!({"jsonrpc": "2.0", "result": {"channel": "c"}, "id": 8})
+    );
+    assert_eq!(
+        next_json(&mut outbox).expect("delivered")["params"]["data"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_batch_with_a_deferred_call_answers_all_together() {
+    let setup = Setup::new(Backbone::Slow);
+    let (client, _outbox) = setup.client();
+    let batch = json!([
+        {"jsonrpc": "2.0", "method": "subscribe", "params": ["c"], "id": 1},
+        {"jsonrpc": "2.0", "method": "ping", "id": 2},
+        {"jsonrpc": "2.0", "method": "ping"},
+    ]);
+    let handled = setup.handle(&client, &batch.to_string());
+    setup.confirm_subscriptions(true);
+    let Value::Array(responses) = later(handled).await else {
+        panic!("a batch reply is an array");
+    };
+    let mut ids: Vec<i64> = responses
+        .iter()
+        .map(|response| response["id"].as_i64().expect("id"))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2]);
+}
+
+#[test]
+fn a_batch_over_the_limit_is_one_error_and_runs_nothing() {
+    let setup = Setup::new(Backbone::Up);
+    let (client, mut outbox) = setup.client();
+    let batch: Vec<Value> = (0..101)
+        .map(|id| json!({"jsonrpc": "2.0", "method": "broadcast", "params": {}, "id": id}))
+        .collect();
+    let reply = setup.send(&client, &Value::from(batch));
+    assert_eq!(reply["error"]["code"], -32600, "{reply}");
+    assert_eq!(reply["error"]["data"], json!({"limit": 100}));
+    assert_eq!(reply["id"], Value::Null);
+    assert!(outbox.try_next().is_none(), "nothing was executed");
+    // The `[1,1,1,...]` amplifier: one small error, whatever the input's size.
+    let ones = format!("[{}1]", "1,".repeat(500_000));
+    let Handled::Now(reply) = setup.handle(&client, &ones) else {
+        panic!("answered now");
+    };
+    assert!(reply.len() < 200, "{reply}");
+}
+
+#[test]
+fn a_reply_past_the_send_budget_ends_the_batch_with_32013() {
+    let setup = Setup::with(Backbone::Up, open_limits(), 4096);
+    let (client, mut outbox) = setup.client();
+    let big = "x".repeat(1500);
+    let batch: Vec<Value> = (0..5)
+        .map(|id| json!({"jsonrpc": "2.0", "method": "self.reply", "params": [big], "id": id}))
+        .chain([json!({"jsonrpc": "2.0", "method": "broadcast", "params": {}, "id": 9})])
+        .collect();
+    let Value::Array(responses) = setup.send(&client, &Value::from(batch)) else {
+        panic!("a batch reply is an array");
+    };
+    assert_eq!(responses.len(), 6);
+    let codes: Vec<Value> = responses
+        .iter()
+        .map(|response| response["error"]["code"].clone())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            Value::Null,
+            Value::Null,
+            json!(-32013),
+            json!(-32013),
+            json!(-32013),
+            json!(-32013)
+        ]
+    );
+    assert_eq!(responses[2]["error"]["data"], json!({"limit": 4096}));
+    assert_eq!(responses[5]["id"], 9);
+    assert!(
+        outbox.try_next().is_none(),
+        "the broadcast after the cut never ran"
+    );
+    // A single reply larger than the budget.
+    let huge = setup.call(&client, request("self.reply", json!(["y".repeat(5000)])));
+    assert_eq!(huge["error"]["code"], -32013);
+    assert_eq!(huge["id"], 7);
+}
+
+#[test]
+fn the_request_budget_refuses_each_element_over_it() {
+    let limits = Limits {
+        requests: Some(RequestRate {
+            rate: 1,
+            interval: Duration::from_secs(60),
+            burst: 2,
+        }),
+        ..open_limits()
+    };
+    let setup = Setup::with(Backbone::Up, limits, 1 << 20);
+    let (client, _outbox) = setup.client();
+    let batch: Vec<Value> = (0..4)
+        .map(|id| json!({"jsonrpc": "2.0", "method": "ping", "id": id}))
+        .collect();
+    let Value::Array(responses) = setup.send(&client, &Value::from(batch)) else {
+        panic!("a batch reply is an array");
+    };
+    assert_eq!(responses[0]["result"], "pong");
+    assert_eq!(responses[1]["result"], "pong");
+    for refused in &responses[2..] {
+        assert_eq!(refused["error"]["code"], -32029);
+        let wait = refused["error"]["data"]["retry_after_ms"]
+            .as_u64()
+            .expect("retry_after_ms");
+        assert!(wait > 50_000 && wait <= 60_000, "{wait}");
+    }
+}
+
+#[test]
+fn a_flood_closes_the_connection() {
+    let limits = Limits {
+        requests: Some(RequestRate {
+            rate: 1,
+            interval: Duration::from_secs(1),
+            burst: 1,
+        }),
+        ..open_limits()
+    };
+    let setup = Setup::with(Backbone::Up, limits, 1 << 20);
+    let (client, _outbox) = setup.client();
+    let ping = json!({"jsonrpc": "2.0", "method": "ping"}).to_string();
+    let started = std::time::Instant::now();
+    loop {
+        if let Handled::Flooding = setup.handle(&client, &ping) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never closed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let flooded_for = started.elapsed();
+    assert!(flooded_for >= Duration::from_secs(2), "{flooded_for:?}");
+}
+
+#[test]
+fn publish_size_and_budgets_are_guarded() {
+    let limits = Limits {
+        max_publish_size: 16,
+        publish_rate: Some(Rate::per_second(1, 1)),
+        ..open_limits()
+    };
+    let setup = Setup::with(Backbone::Up, limits, 1 << 20);
+    let (client, mut outbox) = setup.client();
+    let too_big = setup.call(
+        &client,
+        request("publish", json!({"channel": "c", "data": "x".repeat(20)})),
+    );
+    assert_eq!(too_big["error"]["code"], -32013);
+    assert_eq!(too_big["error"]["data"], json!({"limit": 16}));
+    let too_big = setup.call(&client, request("broadcast", json!({"x": "y".repeat(20)})));
+    assert_eq!(too_big["error"]["code"], -32013);
+    assert_eq!(
+        setup.call(&client, request("broadcast", json!({"x": 1})))["result"],
+        json!({"status": "broadcasted"})
+    );
+    let limited = setup.call(
+        &client,
+        request("publish", json!({"channel": "c", "data": 1})),
+    );
+    assert_eq!(limited["error"]["code"], -32029);
+    assert!(
+        limited["error"]["data"]["retry_after_ms"]
+            .as_u64()
+            .is_some()
+    );
+    assert!(next_json(&mut outbox).is_some(), "the broadcast");
+    assert!(next_json(&mut outbox).is_none(), "nothing else went out");
+}
+
+#[test]
+fn subscriptions_stop_at_the_limit() {
+    let limits = Limits {
+        max_subscriptions: 2,
+        ..open_limits()
+    };
+    let setup = Setup::with(Backbone::Up, limits, 1 << 20);
+    let (client, _outbox) = setup.client();
+    for channel in ["a", "b", "a"] {
+        let reply = setup.call(&client, request("subscribe", json!({"channel": channel})));
+        assert!(reply.get("error").is_none(), "{reply}");
+    }
+    let refused = setup.call(&client, request("subscribe", json!({"channel": "c"})));
+    assert_eq!(refused["error"]["code"], -32003);
+    assert_eq!(
+        refused["error"]["data"],
+        json!({"channel": "c", "reason": "subscription limit", "limit": 2})
+    );
+}
+
+#[test]
+fn deeply_nested_input_is_an_error_not_a_crash() {
+    let setup = Setup::new(Backbone::Up);
+    let (client, _outbox) = setup.client();
+    for text in [
+        "[".repeat(100_000),
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+        format!(
+            r#"{{"jsonrpc":"2.0","method":"self.reply","params":{}1{},"id":1}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        ),
+        format!(
+            r#"[{{"jsonrpc":"2.0","method":"ping","params":{}"#,
+            "{\"a\":".repeat(100_000)
+        ),
+    ] {
+        let reply = match setup.handle(&client, &text) {
+            Handled::Now(reply) => reply,
+            other => panic!("expected an answer, got {other:?}"),
+        };
+        // Raw JSON: reading it as a `Value` would hit serde_json's own depth limit.
+        serde_json::from_str::<Box<serde_json::value::RawValue>>(&reply).expect("valid JSON");
+        let response = reply.strip_prefix('[').unwrap_or(&reply);
+        assert!(
+            response.starts_with(r#"{"jsonrpc":"2.0","#),
+            "{}",
+            &reply[..80]
+        );
+    }
 }

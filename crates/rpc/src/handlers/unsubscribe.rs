@@ -1,16 +1,31 @@
 //! `unsubscribe`: stops delivery of a channel to the caller; -32004 when the caller
 //! was not subscribed.
 
+use std::borrow::Cow;
+
 use super::channel::{channel_param, channel_result};
-use crate::{Context, ErrorCode, Handler, Params, Reply, RpcError};
+use crate::{Access, Context, ErrorCode, Method, Params, Reply, RpcError};
 
 pub struct Unsubscribe;
 
-impl Handler for Unsubscribe {
-    fn call<'p>(&self, cx: &Context<'_>, params: Params<'p>) -> Result<Reply<'p>, RpcError> {
-        let channel = channel_param(params)?;
-        if cx.node.unsubscribe(cx.client, &channel) {
-            Ok(channel_result(&channel))
+impl Method for Unsubscribe {
+    type Params<'p> = Cow<'p, str>;
+
+    fn parse<'p>(&self, params: Params<'p>) -> Result<Cow<'p, str>, RpcError> {
+        channel_param(params)
+    }
+
+    fn access<'a>(&self, channel: &'a Cow<'_, str>) -> Access<'a> {
+        Access::Unsubscribe(channel)
+    }
+
+    fn call<'p>(
+        &self,
+        cx: &Context<'_>,
+        channel: &Self::Params<'p>,
+    ) -> Result<Reply<'p>, RpcError> {
+        if cx.node().unsubscribe(cx.client(), channel) {
+            Ok(channel_result(channel))
         } else {
             Err(
                 RpcError::with_detail(ErrorCode::NotFound, "not subscribed to this channel")

@@ -30,6 +30,9 @@ async fn replicas(kind: Kind, backbone: &Server, prefix: &str, count: usize) -> 
             (url_var, url.as_str()),
             ("WS_PUBSUB_CHANNEL", prefix),
             ("WS_NODE_ID", node_id.as_str()),
+            // These tests are about delivery: publish as fast as they like.
+            ("WS_PUBLISH_RATE", "0"),
+            ("WS_PUBLISH_RATE_TOTAL", "0"),
         ];
         processes.push(ServerProcess::spawn(&vars).await);
     }
@@ -297,6 +300,10 @@ async fn nats_publication_over_max_payload_is_counted_as_dropped() {
         ("WS_PUBSUB_ADAPTER", "nats"),
         ("WS_NATS_URL", url.as_str()),
         ("WS_MAX_MESSAGE_SIZE", "2MiB"),
+        ("WS_MAX_PUBLISH_SIZE", "2MiB"),
+        ("WS_SEND_BUFFER", "8MiB"),
+        ("WS_PUBLISH_BYTES_RATE", "0"),
+        ("WS_PUBLISH_BYTES_TOTAL", "0"),
     ];
     let server = ServerProcess::spawn(&vars).await;
     let addr = server.addr;

@@ -95,7 +95,16 @@ async fn a_client_that_never_reads_is_dropped_while_others_get_everything() {
     // How far a reader may fall behind: with the window, less than its queue alone
     // (whatever the kernel buffers), so only the client that never reads is dropped.
     const LAG: usize = 32;
-    let server = server(&[("WS_SEND_BUFFER", "256"), ("WS_PING_INTERVAL", "1h")]).await;
+    let server = server(&[
+        ("WS_SEND_BUFFER", "256KiB"),
+        ("WS_PING_INTERVAL", "1h"),
+        ("WS_PONG_TIMEOUT", "2h"),
+        ("WS_PUBLISH_RATE", "0"),
+        ("WS_PUBLISH_BYTES_RATE", "0"),
+        ("WS_PUBLISH_RATE_TOTAL", "0"),
+        ("WS_PUBLISH_BYTES_TOTAL", "0"),
+    ])
+    .await;
     let addr = server.local_addr;
     let mut slow = Client::connect_with_small_buffer(addr).await;
 

@@ -1,0 +1,176 @@
+//! What a handler sees: the services of this replica, and who is calling.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_gate::{ConnectionLimits, Gate, Scope};
+use chorus_hub::ClientHandle;
+use serde_json::value::RawValue;
+
+use crate::error::{ErrorCode, RpcError};
+use crate::node::Node;
+use crate::order::ChannelOrder;
+
+/// The replica's services that handlers use, shared by every call.
+pub struct Services {
+    pub node: Arc<dyn Node>,
+    pub gate: Arc<Gate>,
+    pub observer: Arc<dyn Observer>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").finish_non_exhaustive()
+    }
+}
+
+/// A connected client as handlers see it: its hub handle, its share of the limits,
+/// and the order of its calls per channel.
+#[derive(Debug)]
+pub struct Caller {
+    pub client: ClientHandle,
+    pub limits: ConnectionLimits,
+    pub(crate) order: Arc<ChannelOrder>,
+}
+
+impl Caller {
+    pub fn new(client: ClientHandle, limits: ConnectionLimits) -> Self {
+        Self {
+            client,
+            limits,
+            order: Arc::default(),
+        }
+    }
+}
+
+/// One call's surroundings.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub services: &'a Arc<Services>,
+    pub caller: &'a Arc<Caller>,
+}
+
+impl Context<'_> {
+    pub fn node(&self) -> &dyn Node {
+        self.services.node.as_ref()
+    }
+
+    pub fn client(&self) -> &ClientHandle {
+        &self.caller.client
+    }
+
+    pub(crate) fn detach(self) -> OwnedContext {
+        OwnedContext {
+            services: Arc::clone(self.services),
+            caller: Arc::clone(self.caller),
+        }
+    }
+}
+
+/// A [`Context`] that a deferred call carries with it.
+pub(crate) struct OwnedContext {
+    pub(crate) services: Arc<Services>,
+    pub(crate) caller: Arc<Caller>,
+}
+
+impl OwnedContext {
+    pub(crate) fn borrow(&self) -> Context<'_> {
+        Context {
+            services: &self.services,
+            caller: &self.caller,
+        }
+    }
+}
+
+/// A result that is not known yet: the handler's future, polled by the connection
+/// beside its reads and writes. It must not borrow the request.
+pub type Later = Pin<Box<dyn Future<Output = Result<Reply<'static>, RpcError>> + Send>>;
+
+/// A successful result, or the promise of one.
+pub enum Reply<'p> {
+    /// JSON taken from the request as is (e.g. `self.reply` echoing params).
+    Raw(&'p RawValue),
+    /// A constant JSON text.
+    Static(&'static str),
+    Json(serde_json::Value),
+    /// JSON text built by the handler.
+    Text(String),
+    /// Answered when the future completes.
+    Later(Later),
+}
+
+impl std::fmt::Debug for Reply<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Raw(raw) => f.debug_tuple("Raw").field(raw).finish(),
+            Self::Static(text) => f.debug_tuple("Static").field(text).finish(),
+            Self::Json(value) => f.debug_tuple("Json").field(value).finish(),
+            Self::Text(text) => f.debug_tuple("Text").field(text).finish(),
+            Self::Later(_) => f.write_str("Later"),
+        }
+    }
+}
+
+impl Reply<'_> {
+    /// A deferred reply from a future.
+    pub fn later(
+        future: impl Future<Output = Result<Reply<'static>, RpcError>> + Send + 'static,
+    ) -> Self {
+        Self::Later(Box::pin(future))
+    }
+
+    /// Detaches the reply from the request it may borrow.
+    pub(crate) fn into_owned(self) -> Result<Reply<'static>, RpcError> {
+        Ok(match self {
+            Self::Raw(raw) => Reply::Text(raw.get().to_owned()),
+            Self::Static(text) => Reply::Static(text),
+            Self::Json(value) => Reply::Json(value),
+            Self::Text(text) => Reply::Text(text),
+            // A deferred result must be an answer, not another promise.
+            Self::Later(_) => return Err(RpcError::new(ErrorCode::Internal)),
+        })
+    }
+}
+
+/// How a call ended, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    Error(ErrorCode),
+}
+
+impl CallOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error(_) => "error",
+        }
+    }
+}
+
+/// One finished call.
+#[derive(Clone, Copy, Debug)]
+pub struct CallRecord {
+    /// A registered method name, `unknown` or `invalid`: always a bounded set.
+    pub method: &'static str,
+    pub outcome: CallOutcome,
+    pub elapsed: Duration,
+}
+
+/// Receives what the router sees (the server turns it into metrics).
+pub trait Observer: Send + Sync + 'static {
+    fn record(&self, record: CallRecord);
+    /// A budget of `scope` refused a call.
+    fn rate_limited(&self, _scope: Scope) {}
+    /// A reply did not fit the send budget and was replaced by `-32013`.
+    fn reply_cut(&self) {}
+}
+
+/// An [`Observer`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+impl Observer for NoObserver {
+    fn record(&self, _: CallRecord) {}
+}

@@ -1,0 +1,33 @@
+//! The router's one guard point: every limit a call is subject to, checked after its
+//! params are read and before its handler runs.
+
+use crate::context::Context;
+use crate::error::RpcError;
+use crate::method::Access;
+
+pub(crate) fn check(cx: &Context<'_>, access: Access<'_>) -> Result<(), RpcError> {
+    let gate = &cx.services.gate;
+    let refused = |refusal: chorus_gate::Refusal, channel: Option<&str>| {
+        if let Some(scope) = refusal.scope() {
+            cx.services.observer.rate_limited(scope);
+        }
+        RpcError::refused(&refusal, channel)
+    };
+    match access {
+        Access::None | Access::Unsubscribe(_) => Ok(()),
+        Access::Subscribe(channel) => {
+            let client = cx.client();
+            if client.is_subscribed(channel) {
+                return Ok(());
+            }
+            gate.admit_subscription(client.subscription_count())
+                .map_err(|refusal| refused(refusal, Some(channel)))
+        }
+        Access::Publish { channel, bytes } => gate
+            .admit_publication(&cx.caller.limits, bytes)
+            .map_err(|refusal| refused(refusal, Some(channel))),
+        Access::Broadcast { bytes } => gate
+            .admit_publication(&cx.caller.limits, bytes)
+            .map_err(|refusal| refused(refusal, None)),
+    }
+}

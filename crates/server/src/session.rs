@@ -1,0 +1,116 @@
+//! A connected client, whatever carries its frames: its hub registration, its outbox,
+//! its share of the limits, and its calls that answer later. A transport (the
+//! WebSocket connection) feeds it text and writes what its outbox yields.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use chorus_hub::{ClientHandle, Frame, Identity, Outbox};
+use chorus_rpc::{Caller, Handled, LaterMessage, notification};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
+use crate::app::App;
+
+/// Why a session asks its transport to end the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client pushes far past its request budget (close 1008).
+    Flooding,
+}
+
+/// A deferred reply and the number of calls waiting inside it.
+struct PendingReply {
+    reply: LaterMessage,
+    calls: usize,
+}
+
+impl Future for PendingReply {
+    type Output = (Option<String>, usize);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let calls = self.calls;
+        self.reply.as_mut().poll(cx).map(|text| (text, calls))
+    }
+}
+
+pub struct Session {
+    app: Arc<App>,
+    caller: Arc<Caller>,
+    pub outbox: Outbox,
+    pending: FuturesUnordered<PendingReply>,
+    pending_calls: usize,
+}
+
+impl Session {
+    /// Creates the client, queues its greeting (always the first frame it gets), and
+    /// makes it reachable.
+    pub fn open(app: Arc<App>, identity: Identity) -> Self {
+        let hub = app.node.hub();
+        let (client, outbox) = hub.create_client(identity);
+        let greeting = notification::value(
+            "sys.connected",
+            &serde_json::json!({"client_id": client.id().to_string(), "node_id": app.node.node_id()}),
+        );
+        let _ = client.send(greeting);
+        hub.register(&client);
+        app.metrics.connections_total.inc();
+        let caller = Arc::new(Caller::new(client, app.services.gate.connection()));
+        Self {
+            app,
+            caller,
+            outbox,
+            pending: FuturesUnordered::new(),
+            pending_calls: 0,
+        }
+    }
+
+    pub fn client(&self) -> &ClientHandle {
+        &self.caller.client
+    }
+
+    /// Handles one inbound text message: its reply is queued now, or once its deferred
+    /// calls are done.
+    pub fn handle_text(&mut self, text: &str) -> Result<(), SessionEnd> {
+        let cx = chorus_rpc::Context {
+            services: &self.app.services,
+            caller: &self.caller,
+        };
+        match self.app.router.handle(text, &cx) {
+            Handled::Nothing => {}
+            // Over the budget, the client is closed as a slow consumer by the hub.
+            Handled::Now(reply) => {
+                let _ = self.client().send(Frame::from(reply));
+            }
+            Handled::Later { reply, calls } => {
+                self.pending_calls += calls;
+                self.pending.push(PendingReply { reply, calls });
+            }
+            Handled::Flooding => return Err(SessionEnd::Flooding),
+        }
+        Ok(())
+    }
+
+    /// Whether the transport should read more: not while the client has as many
+    /// deferred calls pending as it may.
+    pub fn can_read(&self) -> bool {
+        self.pending_calls < self.app.config.transport.max_pending_calls
+    }
+
+    /// Queues the replies of deferred calls that finished; registers for the others.
+    pub fn poll_deferred(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready(Some((reply, calls))) = self.pending.poll_next_unpin(cx) {
+            self.pending_calls -= calls;
+            if let Some(reply) = reply {
+                let _ = self.client().send(Frame::from(reply));
+            }
+        }
+    }
+
+    /// Takes the client out of the hub and the cluster's interest.
+    pub fn close(self) {
+        self.app.node.disconnect(&self.caller.client);
+    }
+}
