@@ -10,7 +10,7 @@
 //! - the subscription task applies (un)subscriptions in the order they were asked for,
 //!   many per command, keeps the set of topics the adapter should hold, subscribes to
 //!   all of it again after every (re)connection, and confirms each subscription once
-//!   Redis has answered its SUBSCRIBE;
+//!   Redis has answered a PING sent right behind its SUBSCRIBE;
 //! - the receiver task hands every message to the `incoming` channel, waiting when it is
 //!   full;
 //! - the heartbeat task pings both connections, so that a peer that vanished without
@@ -471,13 +471,21 @@ async fn apply(
 
 /// One SUBSCRIBE for all of them (again for any already held: harmless, and it proves
 /// the current connection holds it). Answers each; false when it did not happen.
+///
+/// fred resolves a SUBSCRIBE as soon as it is written (its confirmations arrive out of
+/// band and are dropped), so a PING follows it: Redis answers one connection's
+/// commands in order, so the PONG means the SUBSCRIBE is in place.
 async fn subscribe_all(
     subscriber: &SubscriberClient,
     topics: Vec<(String, oneshot::Sender<bool>)>,
 ) -> bool {
     let (names, answers): (Vec<String>, Vec<oneshot::Sender<bool>>) = topics.into_iter().unzip();
     let done = subscriber.is_connected() && {
-        match subscriber.subscribe(names).await {
+        let confirmed = async {
+            subscriber.subscribe(names).await?;
+            subscriber.ping::<Value>(None).await.map(|_| ())
+        };
+        match confirmed.await {
             Ok(()) => true,
             Err(error) => {
                 tracing::debug!(adapter = NAME, %error, "SUBSCRIBE failed, retrying");

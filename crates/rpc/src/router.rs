@@ -157,6 +157,7 @@ impl Router {
         if budget.spent {
             // An earlier element used up the reply budget: not executed.
             return Ok(if owes_reply {
+                cx.services.observer.reply_cut();
                 Piece::Now(error_text(id, &RpcError::reply_too_large(budget.limit)))
             } else {
                 Piece::None

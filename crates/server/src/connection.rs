@@ -129,10 +129,6 @@ impl Connection {
     async fn serve(&mut self) -> Ending {
         let mut timer = Box::pin(sleep_until(self.next_deadline()));
         loop {
-            let deadline = self.next_deadline();
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
-            }
             let step = poll_fn(|cx| self.poll_step(cx, timer.as_mut())).await;
             let outcome = match step {
                 Step::Inbound(inbound) => self.on_inbound(inbound),
@@ -155,7 +151,7 @@ impl Connection {
         }
     }
 
-    fn poll_step(&mut self, cx: &mut Context<'_>, timer: Pin<&mut Sleep>) -> Poll<Step> {
+    fn poll_step(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<Step> {
         if self.reads_in_row < READS_BEFORE_WRITE
             && self.can_read()
             && let Poll::Ready(inbound) = Pin::new(&mut self.ws).poll_next(cx)
@@ -171,6 +167,11 @@ impl Connection {
             Poll::Ready(Ok(())) => return Poll::Ready(Step::Wrote),
             Poll::Ready(Err(ending)) => return Poll::Ready(Step::End(ending)),
             Poll::Pending => {}
+        }
+        // A write that just stalled brings the deadline forward.
+        let deadline = self.next_deadline();
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
         }
         if timer.poll(cx).is_ready() {
             return Poll::Ready(Step::Tick);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::backbone::{Kind, Server};
-use crate::support::{Client, PATIENCE, ServerProcess, eventually, http_get, metric, ws_url};
+use crate::support::{Client, ServerProcess, eventually, http_get, metric, ws_url};
 
 fn adapter(kind: Kind) -> &'static str {
     match kind {
@@ -16,6 +16,16 @@ fn adapter(kind: Kind) -> &'static str {
 }
 
 async fn replicas(kind: Kind, backbone: &Server, prefix: &str, count: usize) -> Vec<ServerProcess> {
+    replicas_with(kind, backbone, prefix, count, &[]).await
+}
+
+async fn replicas_with(
+    kind: Kind,
+    backbone: &Server,
+    prefix: &str,
+    count: usize,
+    extra: &[(&str, &str)],
+) -> Vec<ServerProcess> {
     let url_var = match kind {
         Kind::Redis => "WS_REDIS_URL",
         Kind::Nats => "WS_NATS_URL",
@@ -34,6 +44,7 @@ async fn replicas(kind: Kind, backbone: &Server, prefix: &str, count: usize) -> 
             ("WS_PUBLISH_RATE", "0"),
             ("WS_PUBLISH_RATE_TOTAL", "0"),
         ];
+        let vars: Vec<(&str, &str)> = vars.iter().chain(extra).copied().collect();
         processes.push(ServerProcess::spawn(&vars).await);
     }
     for process in &processes {
@@ -48,43 +59,6 @@ async fn replicas(kind: Kind, backbone: &Server, prefix: &str, count: usize) -> 
 
 fn received(kind: Kind) -> String {
     format!(r#"ws_pubsub_received_total{{adapter="{}"}}"#, adapter(kind))
-}
-
-/// Publishes probes on `channel` until every subscriber has received one, then has
-/// each subscriber read up to the final probe: the subscriptions have reached the
-/// backbone, and nothing of the probes is left unread.
-async fn settle(publisher: &mut Client, subscribers: &mut [&mut Client], channel: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut probe = 0;
-    for subscriber in subscribers.iter_mut() {
-        loop {
-            probe += 1;
-            publisher
-                .ok(
-                    "publish",
-                    json!({"channel": channel, "data": {"probe": probe}}),
-                )
-                .await;
-            // Subscription changes travel asynchronously; there is no event to await.
-            if let Ok(message) =
-                tokio::time::timeout(Duration::from_millis(200), subscriber.recv()).await
-            {
-                assert!(message["params"]["data"]["probe"].is_u64(), "{message}");
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "subscription never reached the backbone"
-            );
-        }
-    }
-    let last = json!({"probe": "last"});
-    publisher
-        .ok("publish", json!({"channel": channel, "data": last}))
-        .await;
-    for subscriber in subscribers.iter_mut() {
-        while subscriber.recv().await["params"]["data"] != last {}
-    }
 }
 
 async fn broadcast_and_publish_reach_every_replica_once(kind: Kind) {
@@ -113,9 +87,9 @@ async fn broadcast_and_publish_reach_every_replica_once(kind: Kind) {
     let publisher = &mut publisher[0];
     let on_1 = &mut bystanders[1];
     let on_2 = &mut right[0];
+    // The reply comes once each replica holds the channel on the backbone.
     on_1.ok("subscribe", json!({"channel": "items:42"})).await;
     on_2.ok("subscribe", json!({"channel": "items:42"})).await;
-    settle(publisher, &mut [on_1, on_2], "items:42").await;
     publisher
         .ok(
             "publish",
@@ -152,7 +126,6 @@ async fn a_thousand_publications_arrive_in_order(kind: Kind) {
     subscriber
         .ok("subscribe", json!({"channel": "ordered"}))
         .await;
-    settle(&mut publisher, &mut [&mut subscriber], "ordered").await;
     for seq in 0..1000 {
         let request = json!({"jsonrpc": "2.0", "method": "publish", "params": {"channel": "ordered", "data": seq}, "id": seq});
         publisher.send_text(&request.to_string()).await;
@@ -170,7 +143,6 @@ async fn an_outage_is_survived_without_reconnecting_clients(kind: Kind) {
     let mut local_peer = Client::connect_url(&ws_url(addr0)).await;
     let mut remote = Client::connect_url(&ws_url(addr1)).await;
     remote.ok("subscribe", json!({"channel": "survivor"})).await;
-    settle(&mut a, &mut [&mut remote], "survivor").await;
 
     backbone.stop();
     let connected = format!(r#"ws_pubsub_connected{{adapter="{}"}}"#, adapter(kind));
@@ -190,6 +162,17 @@ async fn an_outage_is_survived_without_reconnecting_clients(kind: Kind) {
         json!({"during": "outage"}),
         "local delivery goes on"
     );
+    // A subscription made during the outage works locally at once, and says so.
+    let reply = local_peer
+        .call("subscribe", json!({"channel": "late"}))
+        .await;
+    assert_eq!(reply["error"]["code"], -32053, "{reply}");
+    assert_eq!(reply["error"]["data"], json!({"subscribed": "local"}));
+    let reply = a
+        .call("publish", json!({"channel": "late", "data": "local"}))
+        .await;
+    assert_eq!(reply["error"]["data"], json!({"delivered": "local"}));
+    assert_eq!(local_peer.recv().await["params"]["data"], "local");
 
     backbone.restart();
     for addr in [addr0, addr1] {
@@ -205,13 +188,115 @@ async fn an_outage_is_survived_without_reconnecting_clients(kind: Kind) {
             .1
             .contains(r#""status":"ok""#)
     );
-    // The same sockets, the subscription made before the outage: delivery resumes.
-    settle(&mut a, &mut [&mut remote], "survivor").await;
+    // The same sockets and subscriptions: the replicas subscribe again by themselves.
+    // Subscribing once more is how a client learns that the new connection holds them.
+    remote.ok("subscribe", json!({"channel": "survivor"})).await;
+    local_peer.ok("subscribe", json!({"channel": "late"})).await;
     a.ok("publish", json!({"channel": "survivor", "data": "after"}))
         .await;
     assert_eq!(remote.recv().await["params"]["data"], "after");
+    remote
+        .ok("publish", json!({"channel": "late", "data": "remote"}))
+        .await;
+    assert_eq!(local_peer.recv().await["params"]["data"], "remote");
     a.ok("broadcast", json!({"after": "outage"})).await;
     assert_eq!(remote.recv().await["params"], json!({"after": "outage"}));
+}
+
+/// Section 9: `subscribe` answers once the replica holds the channel on the backbone,
+/// so a publication made on another replica right after the reply is never lost.
+async fn a_publication_right_after_subscribe_arrives(kind: Kind) {
+    const ROUNDS: usize = 1000;
+    let backbone = Server::start(kind);
+    let servers = replicas(kind, &backbone, "race", 2).await;
+    let mut subscriber = Client::connect_url(&ws_url(servers[0].addr)).await;
+    let mut publisher = Client::connect_url(&ws_url(servers[1].addr)).await;
+    let mut lost = Vec::new();
+    for round in 0..ROUNDS {
+        // A fresh channel each round, so each subscription is new on the backbone.
+        let channel = format!("race:{round}");
+        subscriber
+            .ok("subscribe", json!({"channel": channel}))
+            .await;
+        publisher
+            .ok("publish", json!({"channel": channel, "data": round}))
+            .await;
+        // A bound on a failure, not a synchronisation: a delivered message takes
+        // milliseconds.
+        match tokio::time::timeout(Duration::from_secs(2), subscriber.recv()).await {
+            Ok(message) => assert_eq!(
+                message["params"],
+                json!({"channel": channel, "data": round})
+            ),
+            Err(_) => lost.push(round),
+        }
+    }
+    assert!(lost.is_empty(), "lost {} of {ROUNDS}: {lost:?}", lost.len());
+}
+
+/// Section 6: what a replica accepted reaches the backbone before the process exits,
+/// even with no grace period at all.
+async fn accepted_publications_leave_before_exit(kind: Kind) {
+    const COUNT: usize = 1000;
+    let backbone = Server::start(kind);
+    let mut servers = replicas_with(
+        kind,
+        &backbone,
+        "last-words",
+        2,
+        &[("WS_SHUTDOWN_GRACE", "0s")],
+    )
+    .await;
+    let mut subscriber = Client::connect_url(&ws_url(servers[1].addr)).await;
+    subscriber.ok("subscribe", json!({"channel": "last"})).await;
+    let mut publisher = Client::connect_url(&ws_url(servers[0].addr)).await;
+    for seq in 0..COUNT {
+        let request = json!({"jsonrpc": "2.0", "method": "publish", "params": {"channel": "last", "data": seq}, "id": seq});
+        publisher.send_text(&request.to_string()).await;
+    }
+    let mut accepted = 0;
+    while accepted < COUNT {
+        let reply = publisher.recv().await;
+        assert!(reply.get("result").is_some(), "{reply}");
+        accepted += 1;
+    }
+    servers[0].signal("TERM");
+    for seq in 0..COUNT {
+        assert_eq!(subscriber.recv().await["params"]["data"], json!(seq));
+    }
+    let status = tokio::time::timeout(crate::support::PATIENCE, servers[0].child.wait())
+        .await
+        .expect("exits in time")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Two replicas configured with one node id notice each other.
+async fn a_twin_node_id_degrades_health(kind: Kind) {
+    let backbone = Server::start(kind);
+    let url_var = match kind {
+        Kind::Redis => "WS_REDIS_URL",
+        Kind::Nats => "WS_NATS_URL",
+    };
+    let url = backbone.url();
+    let vars = [
+        ("WS_PUBSUB_ENABLED", "true"),
+        ("WS_PUBSUB_ADAPTER", adapter(kind)),
+        (url_var, url.as_str()),
+        ("WS_NODE_ID", "twin"),
+    ];
+    let first = ServerProcess::spawn(&vars).await;
+    let second = ServerProcess::spawn(&vars).await;
+    for server in [&first, &second] {
+        let addr = server.addr;
+        eventually("the twin to be reported in /health", || async move {
+            let health: Value =
+                serde_json::from_str(&http_get(addr, "/health").await.1).expect("JSON");
+            health["status"] == "degraded" && health["node_id_conflict"] == true
+        })
+        .await;
+        assert!(metric(addr, "ws_node_id_conflicts_total").await >= 1.0);
+    }
 }
 
 async fn clusters_with_different_prefixes_stay_apart(kind: Kind) {
@@ -222,7 +307,6 @@ async fn clusters_with_different_prefixes_stay_apart(kind: Kind) {
     let mut beta_publisher = Client::connect_url(&ws_url(beta[0].addr)).await;
     let mut in_beta = Client::connect_url(&ws_url(beta[1].addr)).await;
     in_beta.ok("subscribe", json!({"channel": "shared"})).await;
-    settle(&mut beta_publisher, &mut [&mut in_beta], "shared").await;
     in_alpha.ok("subscribe", json!({"channel": "shared"})).await;
 
     beta_publisher
@@ -277,6 +361,36 @@ async fn redis_outage_is_survived() {
 #[tokio::test]
 async fn nats_outage_is_survived() {
     an_outage_is_survived_without_reconnecting_clients(Kind::Nats).await;
+}
+
+#[tokio::test]
+async fn redis_subscribe_then_publish_elsewhere_loses_nothing() {
+    a_publication_right_after_subscribe_arrives(Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn nats_subscribe_then_publish_elsewhere_loses_nothing() {
+    a_publication_right_after_subscribe_arrives(Kind::Nats).await;
+}
+
+#[tokio::test]
+async fn redis_publications_leave_before_exit() {
+    accepted_publications_leave_before_exit(Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn nats_publications_leave_before_exit() {
+    accepted_publications_leave_before_exit(Kind::Nats).await;
+}
+
+#[tokio::test]
+async fn redis_twin_node_ids_are_detected() {
+    a_twin_node_id_degrades_health(Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn nats_twin_node_ids_are_detected() {
+    a_twin_node_id_degrades_health(Kind::Nats).await;
 }
 
 #[tokio::test]

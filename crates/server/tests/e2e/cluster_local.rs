@@ -52,23 +52,7 @@ async fn broadcast_and_publish_cross_replicas_exactly_once() {
     clients[2]
         .ok("subscribe", json!({"channel": "items:42"}))
         .await;
-    // Subscriptions reach the backbone asynchronously; wait until replica 1 hears.
-    let addr2 = servers[2].local_addr;
-    let mut seq = 0;
-    loop {
-        seq += 1;
-        clients[0]
-            .ok("publish", json!({"channel": "items:42", "data": seq}))
-            .await;
-        let got: Value = clients[1].recv().await;
-        assert_eq!(got["params"]["data"], seq, "replica-1 subscriber");
-        if metric(addr2, r#"ws_pubsub_received_total{adapter="local"}"#).await >= 1.0 {
-            break;
-        }
-        assert!(seq < 500, "replica-2 never subscribed");
-    }
-    // From here on both remote subscribers get each publication exactly once.
-    while clients[2].recv().await["params"]["data"] != json!(seq) {}
+    // Each reply came once its replica held the channel: publish right away.
     clients[0]
         .ok("publish", json!({"channel": "items:42", "data": "last"}))
         .await;

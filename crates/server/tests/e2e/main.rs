@@ -10,6 +10,8 @@ mod cluster_backbone;
 
 mod cluster_local;
 mod delivery;
+mod hostile;
 mod jsonrpc_spec;
+mod limits;
 mod process;
 mod transport;

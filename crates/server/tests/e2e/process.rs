@@ -44,6 +44,23 @@ async fn other_bad_values_exit_2_before_binding() {
 }
 
 #[tokio::test]
+async fn an_unknown_variable_or_an_inconsistent_set_exits_2() {
+    let (code, stderr) = exit_of(&[("WS_PONG_TIMOUT", "30s")]).await;
+    assert_eq!(code, Some(2));
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("WS_PONG_TIMOUT") && stderr.contains("WS_PONG_TIMEOUT"),
+        "names the typo and what was meant: {stderr}"
+    );
+    let (code, stderr) = exit_of(&[("WS_PING_INTERVAL", "1m"), ("WS_PONG_TIMEOUT", "30s")]).await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("WS_PONG_TIMEOUT"), "{stderr}");
+    let (code, stderr) = exit_of(&[("WS_SEND_BUFFER", "64KiB")]).await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("WS_MAX_PUBLISH_SIZE"), "{stderr}");
+}
+
+#[tokio::test]
 async fn sigterm_drains_clients_then_exits_0() {
     let mut server = ServerProcess::spawn(&[("WS_SHUTDOWN_GRACE", "2s")]).await;
     let addr = server.addr;

@@ -337,3 +337,78 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The answer to a raw upgrade request; `socket` stays open while it is kept.
+pub struct RawUpgrade {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+    /// Not read: held so that an upgraded connection stays open.
+    #[allow(dead_code)]
+    pub socket: TcpStream,
+}
+
+/// A raw upgrade request over a fresh socket, with extra headers.
+pub async fn raw_upgrade(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> RawUpgrade {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (name, value) in extra_headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let read_all = async {
+        loop {
+            let n = stream.read(&mut buffer).await.expect("read");
+            raw.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&raw);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if head.starts_with("HTTP/1.1 101") || body.len() >= length || n == 0 {
+                    return (head.to_owned(), body.to_owned());
+                }
+            }
+            if n == 0 {
+                return (text.into_owned(), String::new());
+            }
+        }
+    };
+    let (head, body) = tokio::time::timeout(PATIENCE, read_all)
+        .await
+        .expect("response in time");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status line");
+    RawUpgrade {
+        status,
+        head,
+        body,
+        socket: stream,
+    }
+}
+
+/// Publish budgets off: for tests about something else than them.
+pub const UNLIMITED_PUBLISHING: [(&str, &str); 4] = [
+    ("WS_PUBLISH_RATE", "0"),
+    ("WS_PUBLISH_BYTES_RATE", "0"),
+    ("WS_PUBLISH_RATE_TOTAL", "0"),
+    ("WS_PUBLISH_BYTES_TOTAL", "0"),
+];
