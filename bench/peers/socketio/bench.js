@@ -266,7 +266,7 @@ async function main() {
   s.publish_unacked = Math.max(0, published + warmSent - acks - pubErrors);
   Object.assign(s, {
     subscribers: subscribed, connect_failures: failed, published, publish_errors: pubErrors, delivered, lost,
-    duplicated: dup, closed_early: closed, warm_missing: warmMissing, elapsed_s: Math.round(window * 1000) / 1000,
+    duplicated: dup, subscribers_dropped: closed, warm_missing: warmMissing, elapsed_s: Math.round(window * 1000) / 1000,
     deliveries_per_s: window > 0 ? Math.round(delivered / window * 1000) / 1000 : 0,
   });
   const all = local.concat(remote);

@@ -37,8 +37,12 @@ idle:     --conns N (19000 x replicas)  --server-pid PID (repeat)
           processes here (--server-bin PATH [the chorus beside chorus-bench],
           --backbone redis://... or nats://... [none: standalone]), measure
           their RSS, and stop them at the end
-fanout:   --subs N (10000)  --messages M (200)  --rate PER_S (50, 0 = flat out)
+fanout:   --subs N (10000)  --messages M (1000)  --rate PER_S (0 = flat out: a burst)
           --payload BYTES (64)  --channel NAME  --warmup S (15)  --drain S (3)
+          reports subscribers_dropped (connections the server closed before the end);
+          a server with publish budgets refuses a flat-out publisher: lift them
+          (chorus: WS_PUBLISH_RATE=0 WS_PUBLISH_BYTES_RATE=0 WS_PUBLISH_RATE_TOTAL=0
+          WS_PUBLISH_BYTES_TOTAL=0), or publish_errors counts the refusals
 rpc:      --conns K (100)  --depth D (10)  --requests N per conn (2000)
           --duration S (10)  --payload BYTES (32)
 cluster:  needs 2+ URLs; publisher on the first; --subs-per-replica N (1000)
