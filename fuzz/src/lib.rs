@@ -7,8 +7,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use chorus_gate::{Gate, Limits};
-use chorus_hub::{ClientHandle, Frame, Hub, Identity, NoEvents};
+use chorus_gate::{Gate, Identity, Limits};
+use chorus_hub::{ClientHandle, Frame, Hub, NoEvents};
 use chorus_rpc::{
     Caller, Context, Delivery, Entry, Handled, Message, NoObserver, Node, Router, Services,
     Subscribed, parse_with_limit,
@@ -55,7 +55,7 @@ pub fn check(data: &[u8]) {
         return;
     };
     // Publish budgets off, so that the same input always gets the same answers.
-    let gate = Arc::new(Gate::new(Limits {
+    let gate = Arc::new(Gate::with_limits(Limits {
         publish_rate: None,
         publish_bytes: None,
         publish_rate_total: None,
@@ -67,9 +67,13 @@ pub fn check(data: &[u8]) {
     let node = Arc::new(HubNode {
         hub: Hub::new(SEND_BUDGET, Arc::new(NoEvents)),
     });
-    let (client, mut outbox) = node.hub.create_client(Identity::default());
+    let (client, mut outbox) = node.hub.create_client(chorus_hub::Identity::default());
     node.hub.register(&client);
-    let caller = Arc::new(Caller::new(client, gate.connection()));
+    let caller = Arc::new(Caller::new(
+        client,
+        Identity::anonymous(),
+        gate.connection(),
+    ));
     let services = Arc::new(Services {
         node: node.clone(),
         gate,

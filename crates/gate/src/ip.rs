@@ -2,21 +2,17 @@
 //! (`WS_MAX_CONNECTIONS_PER_IP`), and which address a request comes from when it
 //! passed through a trusted proxy (`WS_TRUSTED_PROXIES`).
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 
+use crate::counts::{OpenCounts, OpenSlot};
 use crate::limits::Limits;
 use crate::refusal::{Refusal, Scope};
-
-const SHARDS: usize = 16;
 
 /// The proxies whose `X-Forwarded-For` is believed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -91,10 +87,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 #[derive(Debug)]
 pub struct IpLimits {
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
-    max_connections: usize,
-    open: Box<[Mutex<HashMap<IpAddr, u32>>]>,
-    hasher: RandomState,
+    open: Arc<OpenCounts<IpAddr>>,
 }
+
+/// One admitted connection from an address; releases its count when dropped.
+pub type IpSlot = OpenSlot<IpAddr>;
 
 impl IpLimits {
     pub fn new(limits: &Limits) -> Arc<Self> {
@@ -107,14 +104,12 @@ impl IpLimits {
         });
         Arc::new(Self {
             rate,
-            max_connections: limits.max_connections_per_ip,
-            open: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            open: OpenCounts::new(limits.max_connections_per_ip),
         })
     }
 
     /// Admits an upgrade from `ip`; the slot counts the connection until it is dropped.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
+    pub fn admit(&self, ip: IpAddr) -> Result<IpSlot, Refusal> {
         if let Some(rate) = &self.rate
             && let Err(not_until) = rate.check_key(&ip)
         {
@@ -123,21 +118,9 @@ impl IpLimits {
                 not_until.wait_time_from(DefaultClock::default().now()),
             ));
         }
-        if self.max_connections == 0 {
-            return Ok(IpSlot { limits: None, ip });
-        }
-        let mut open = self.shard(ip);
-        let count = open.entry(ip).or_insert(0);
-        if *count as usize >= self.max_connections {
-            return Err(Refusal::TooManyConnections {
-                limit: self.max_connections,
-            });
-        }
-        *count += 1;
-        Ok(IpSlot {
-            limits: Some(Arc::clone(self)),
-            ip,
-        })
+        self.open
+            .admit(ip)
+            .map_err(|limit| Refusal::TooManyConnections { limit })
     }
 
     /// Drops the state of every address whose rate budget is full again. The server
@@ -157,46 +140,7 @@ impl IpLimits {
 
     /// Open connections counted for `ip`.
     pub fn open_connections(&self, ip: IpAddr) -> u32 {
-        self.shard(ip).get(&ip).copied().unwrap_or(0)
-    }
-
-    fn shard(&self, ip: IpAddr) -> MutexGuard<'_, HashMap<IpAddr, u32>> {
-        #[allow(clippy::cast_possible_truncation)]
-        let index = (self.hasher.hash_one(ip) as usize) % SHARDS;
-        self.open[index]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn release(&self, ip: IpAddr) {
-        let mut open = self.shard(ip);
-        if let Entry::Occupied(mut entry) = open.entry(ip) {
-            *entry.get_mut() -= 1;
-            if *entry.get() == 0 {
-                entry.remove();
-            }
-        }
-    }
-}
-
-/// One admitted connection from an address; releases its count when dropped.
-#[derive(Debug)]
-pub struct IpSlot {
-    limits: Option<Arc<IpLimits>>,
-    ip: IpAddr,
-}
-
-impl IpSlot {
-    pub fn ip(&self) -> IpAddr {
-        self.ip
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        if let Some(limits) = &self.limits {
-            limits.release(self.ip);
-        }
+        self.open.open(&ip)
     }
 }
 

@@ -13,10 +13,18 @@ pub enum Scope {
     Replica,
     /// A client IP's upgrade rate or connection cap.
     Ip,
+    /// A user's connection cap.
+    User,
 }
 
 impl Scope {
-    pub const ALL: [Self; 4] = [Self::Connection, Self::Publish, Self::Replica, Self::Ip];
+    pub const ALL: [Self; 5] = [
+        Self::Connection,
+        Self::Publish,
+        Self::Replica,
+        Self::Ip,
+        Self::User,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -24,6 +32,7 @@ impl Scope {
             Self::Publish => "publish",
             Self::Replica => "replica",
             Self::Ip => "ip",
+            Self::User => "user",
         }
     }
 }
@@ -39,6 +48,11 @@ pub enum Refusal {
     SubscriptionLimit { limit: usize },
     #[error("more than {limit} connections from one address")]
     TooManyConnections { limit: usize },
+    #[error("more than {limit} connections of one user")]
+    TooManyUserConnections { limit: usize },
+    /// Not allowed: the token grants no such right, or the server's settings forbid it.
+    #[error("forbidden{}", reason.map(|r| format!(": {r}")).unwrap_or_default())]
+    Forbidden { reason: Option<&'static str> },
 }
 
 impl Refusal {
@@ -52,7 +66,10 @@ impl Refusal {
         match self {
             Self::RateLimited { scope, .. } => Some(*scope),
             Self::TooManyConnections { .. } => Some(Scope::Ip),
-            Self::PayloadTooLarge { .. } | Self::SubscriptionLimit { .. } => None,
+            Self::TooManyUserConnections { .. } => Some(Scope::User),
+            Self::PayloadTooLarge { .. }
+            | Self::SubscriptionLimit { .. }
+            | Self::Forbidden { .. } => None,
         }
     }
 }

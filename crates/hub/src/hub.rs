@@ -43,13 +43,17 @@ pub struct UnsubscribeOutcome {
 }
 
 type Subscribers = HashMap<ClientId, ClientHandle>;
-/// One shard of the channel index: channel name to its local subscribers.
-type ChannelShard = RwLock<HashMap<Arc<str>, Subscribers>>;
+/// One shard of a name index (channels, users, devices): a name to its local clients.
+type NameShard = RwLock<HashMap<Arc<str>, Subscribers>>;
 
-/// Connected clients and their channel subscriptions.
+/// Connected clients, their channel subscriptions, and who they are.
 pub struct Hub {
     clients: Box<[RwLock<Subscribers>]>,
-    channels: Box<[ChannelShard]>,
+    channels: Box<[NameShard]>,
+    /// Registered clients by user id.
+    users: Box<[NameShard]>,
+    /// Registered clients by device id (device ids are global, not per user).
+    devices: Box<[NameShard]>,
     next_id: AtomicU64,
     connected: AtomicUsize,
     send_budget: usize,
@@ -71,6 +75,8 @@ impl Hub {
         Self {
             clients: (0..SHARDS).map(|_| RwLock::default()).collect(),
             channels: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            users: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            devices: (0..SHARDS).map(|_| RwLock::default()).collect(),
             next_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
             send_budget,
@@ -85,16 +91,29 @@ impl Hub {
         ClientHandle::new(id, identity, self.send_budget, Arc::clone(&self.events))
     }
 
-    /// Makes the client reachable by broadcasts.
+    /// Makes the client reachable by broadcasts, and by its user and device.
     pub fn register(&self, client: &ClientHandle) {
         let mut shard = write(&self.clients[client_shard(client.id())]);
         if shard.insert(client.id(), client.clone()).is_none() {
             self.connected.fetch_add(1, Ordering::Relaxed);
         }
+        drop(shard);
+        let identity = client.identity();
+        for (index, name) in [
+            (&self.users, &identity.user),
+            (&self.devices, &identity.device),
+        ] {
+            if let Some(name) = name {
+                write(&index[name_shard(name)])
+                    .entry(Arc::clone(name))
+                    .or_default()
+                    .insert(client.id(), client.clone());
+            }
+        }
     }
 
-    /// Removes the client and all its subscriptions. Returns the channels that lost
-    /// their last subscriber on this node.
+    /// Removes the client, its identity and all its subscriptions. Returns the
+    /// channels that lost their last subscriber on this node.
     pub fn remove(&self, client: &ClientHandle) -> Vec<Arc<str>> {
         if write(&self.clients[client_shard(client.id())])
             .remove(&client.id())
@@ -102,11 +121,39 @@ impl Hub {
         {
             self.connected.fetch_sub(1, Ordering::Relaxed);
         }
+        let identity = client.identity();
+        for (index, name) in [
+            (&self.users, &identity.user),
+            (&self.devices, &identity.device),
+        ] {
+            if let Some(name) = name {
+                remove_from(&index[name_shard(name)], name, client.id());
+            }
+        }
         let channels: Vec<Arc<str>> = client.channels().drain().collect();
         channels
             .into_iter()
-            .filter(|channel| self.remove_subscriber(channel, client.id()))
+            .filter(|channel| {
+                remove_from(&self.channels[name_shard(channel)], channel, client.id())
+            })
             .collect()
+    }
+
+    /// This node's clients of `user`.
+    pub fn clients_of_user(&self, user: &str) -> Vec<ClientHandle> {
+        Self::named(&self.users, user)
+    }
+
+    /// This node's clients of `device`.
+    pub fn clients_of_device(&self, device: &str) -> Vec<ClientHandle> {
+        Self::named(&self.devices, device)
+    }
+
+    fn named(index: &[NameShard], name: &str) -> Vec<ClientHandle> {
+        read(&index[name_shard(name)])
+            .get(name)
+            .map(|clients| clients.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Number of registered clients.
@@ -131,7 +178,7 @@ impl Hub {
 
     /// Queues `frame` for every subscriber of `channel` on this node.
     pub fn publish(&self, channel: &str, frame: &Frame) -> usize {
-        let shard = read(&self.channels[channel_shard(channel)]);
+        let shard = read(&self.channels[name_shard(channel)]);
         shard.get(channel).map_or(0, |subscribers| {
             subscribers
                 .values()
@@ -149,7 +196,7 @@ impl Hub {
                 first_on_node: false,
             };
         }
-        let mut shard = write(&self.channels[channel_shard(channel)]);
+        let mut shard = write(&self.channels[name_shard(channel)]);
         // Reuse the index's key so every subscriber set shares one allocation per name.
         let (key, first_on_node) = match shard.get_key_value(channel) {
             Some((key, _)) => (Arc::clone(key), false),
@@ -174,7 +221,7 @@ impl Hub {
                 last_on_node: false,
             };
         }
-        let last_on_node = self.remove_subscriber(channel, client.id());
+        let last_on_node = remove_from(&self.channels[name_shard(channel)], channel, client.id());
         drop(own);
         UnsubscribeOutcome {
             removed: true,
@@ -184,12 +231,12 @@ impl Hub {
 
     /// Whether any client on this node is subscribed to `channel`.
     pub fn has_subscribers(&self, channel: &str) -> bool {
-        read(&self.channels[channel_shard(channel)]).contains_key(channel)
+        read(&self.channels[name_shard(channel)]).contains_key(channel)
     }
 
     /// Number of subscribers of `channel` on this node.
     pub fn subscriber_count(&self, channel: &str) -> usize {
-        read(&self.channels[channel_shard(channel)])
+        read(&self.channels[name_shard(channel)])
             .get(channel)
             .map_or(0, HashMap::len)
     }
@@ -209,22 +256,22 @@ impl Hub {
             client.close(reason);
         });
     }
+}
 
-    /// Returns true when the channel lost its last subscriber.
-    fn remove_subscriber(&self, channel: &str, id: ClientId) -> bool {
-        let mut shard = write(&self.channels[channel_shard(channel)]);
-        match shard.get_mut(channel) {
-            Some(subscribers) => {
-                subscribers.remove(&id);
-                if subscribers.is_empty() {
-                    shard.remove(channel);
-                    true
-                } else {
-                    false
-                }
+/// Removes client `id` under `name`; true when `name` has no client left.
+fn remove_from(shard: &NameShard, name: &str, id: ClientId) -> bool {
+    let mut shard = write(shard);
+    match shard.get_mut(name) {
+        Some(clients) => {
+            clients.remove(&id);
+            if clients.is_empty() {
+                shard.remove(name);
+                true
+            } else {
+                false
             }
-            None => false,
         }
+        None => false,
     }
 }
 
@@ -234,9 +281,9 @@ fn client_shard(id: ClientId) -> usize {
 }
 
 #[allow(clippy::cast_possible_truncation)]
-fn channel_shard(channel: &str) -> usize {
+fn name_shard(name: &str) -> usize {
     let mut hasher = DefaultHasher::new();
-    channel.hash(&mut hasher);
+    name.hash(&mut hasher);
     (hasher.finish() as usize) % SHARDS
 }
 
@@ -337,6 +384,29 @@ mod tests {
             Outgoing::Close(CloseReason::SlowConsumer)
         );
         assert_eq!(events.0.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn clients_are_found_by_user_and_device() {
+        let hub = hub(8);
+        let alice = |device: &str| Identity {
+            user: Some(Arc::from("alice")),
+            device: Some(Arc::from(device)),
+        };
+        let (phone, _) = hub.create_client(alice("phone"));
+        let (laptop, _) = hub.create_client(alice("laptop"));
+        let (anonymous, _) = hub.create_client(Identity::default());
+        for client in [&phone, &laptop, &anonymous] {
+            hub.register(client);
+        }
+        assert_eq!(hub.clients_of_user("alice").len(), 2);
+        assert_eq!(hub.clients_of_device("phone").len(), 1);
+        assert!(hub.clients_of_user("bob").is_empty());
+        hub.remove(&phone);
+        assert_eq!(hub.clients_of_user("alice").len(), 1);
+        assert!(hub.clients_of_device("phone").is_empty());
+        hub.remove(&laptop);
+        assert!(hub.clients_of_user("alice").is_empty());
     }
 
     #[tokio::test]

@@ -2,10 +2,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use chorus_gate::{ConnectionLimits, Gate, Scope};
+use chorus_gate::{ConnectionLimits, Gate, Identity, Scope};
 use chorus_hub::ClientHandle;
 use serde_json::value::RawValue;
 
@@ -26,22 +27,53 @@ impl std::fmt::Debug for Services {
     }
 }
 
-/// A connected client as handlers see it: its hub handle, its share of the limits,
-/// and the order of its calls per channel.
+/// A connected client as handlers see it: its hub handle, who it is, its share of
+/// the limits, and the order of its calls per channel.
 #[derive(Debug)]
 pub struct Caller {
     pub client: ClientHandle,
     pub limits: ConnectionLimits,
+    /// Replaced by `auth.refresh`.
+    identity: RwLock<Identity>,
+    /// The identity's `exp` (seconds since the Unix epoch), 0 for never: read by the
+    /// transport on every turn, so it is kept outside the lock.
+    expires_at: AtomicU64,
     pub(crate) order: Arc<ChannelOrder>,
 }
 
 impl Caller {
-    pub fn new(client: ClientHandle, limits: ConnectionLimits) -> Self {
+    pub fn new(client: ClientHandle, identity: Identity, limits: ConnectionLimits) -> Self {
         Self {
             client,
             limits,
+            expires_at: AtomicU64::new(identity.expires_at.unwrap_or(0)),
+            identity: RwLock::new(identity),
             order: Arc::default(),
         }
+    }
+
+    pub fn identity(&self) -> RwLockReadGuard<'_, Identity> {
+        self.identity
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// When the connection's token expires, in seconds since the Unix epoch.
+    pub fn expires_at(&self) -> Option<u64> {
+        Some(self.expires_at.load(Ordering::Acquire)).filter(|exp| *exp != 0)
+    }
+
+    /// Takes a refreshed token's grants, info and expiry; the user and device stay.
+    pub(crate) fn refresh(&self, fresh: Identity) {
+        let mut identity = self
+            .identity
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        identity.grants = fresh.grants;
+        identity.info = fresh.info;
+        identity.expires_at = fresh.expires_at;
+        self.expires_at
+            .store(fresh.expires_at.unwrap_or(0), Ordering::Release);
     }
 }
 

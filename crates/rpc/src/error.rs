@@ -132,11 +132,32 @@ impl RpcError {
                 Self::with_detail(ErrorCode::Forbidden, "subscription limit reached")
                     .data(serde_json::json!({ "channel": channel, "reason": "subscription limit", "limit": limit }))
             }
-            Refusal::TooManyConnections { limit } => {
+            Refusal::TooManyConnections { limit } | Refusal::TooManyUserConnections { limit } => {
                 Self::with_detail(ErrorCode::RateLimited, "too many connections")
                     .data(serde_json::json!({ "limit": limit }))
             }
+            Refusal::Forbidden { reason } => {
+                let mut data = serde_json::Map::new();
+                if let Some(channel) = channel {
+                    data.insert("channel".into(), channel.into());
+                }
+                if let Some(reason) = reason {
+                    data.insert("reason".into(), (*reason).into());
+                }
+                let detail = match (reason, channel) {
+                    (Some(reason), _) => (*reason).to_owned(),
+                    (None, Some(_)) => "the token does not grant this channel".to_owned(),
+                    (None, None) => "not allowed".to_owned(),
+                };
+                Self::with_detail(ErrorCode::Forbidden, detail).data(data.into())
+            }
         }
+    }
+
+    /// `-32001` for a token that did not verify.
+    pub fn unauthorized(error: &chorus_gate::AuthError) -> Self {
+        Self::with_detail(ErrorCode::Unauthorized, error)
+            .data(serde_json::json!({ "reason": error.reason() }))
     }
 
     /// `-32600` for a batch longer than the limit: nothing in it was executed.

@@ -1,5 +1,5 @@
-//! The router's one guard point: every limit a call is subject to, checked after its
-//! params are read and before its handler runs.
+//! The router's one guard point: every right and limit a call is subject to, checked
+//! after its params are read and before its handler runs.
 
 use crate::context::Context;
 use crate::error::RpcError;
@@ -20,14 +20,17 @@ pub(crate) fn check(cx: &Context<'_>, access: Access<'_>) -> Result<(), RpcError
             if client.is_subscribed(channel) {
                 return Ok(());
             }
-            gate.admit_subscription(client.subscription_count())
+            gate.admit_subscription(&cx.caller.identity(), channel, client.subscription_count())
                 .map_err(|refusal| refused(refusal, Some(channel)))
         }
+        Access::Read(channel) => gate
+            .admit_read(&cx.caller.identity(), channel)
+            .map_err(|refusal| refused(refusal, Some(channel))),
         Access::Publish { channel, bytes } => gate
-            .admit_publication(&cx.caller.limits, bytes)
+            .admit_publish(&cx.caller.identity(), &cx.caller.limits, channel, bytes)
             .map_err(|refusal| refused(refusal, Some(channel))),
         Access::Broadcast { bytes } => gate
-            .admit_publication(&cx.caller.limits, bytes)
+            .admit_broadcast(&cx.caller.limits, bytes)
             .map_err(|refusal| refused(refusal, None)),
     }
 }

@@ -18,6 +18,8 @@ pub enum Access<'a> {
     None,
     Subscribe(&'a str),
     Unsubscribe(&'a str),
+    /// Reads a channel's state (presence, history): the right to subscribe.
+    Read(&'a str),
     /// Publishes `bytes` of serialised data to a channel.
     Publish {
         channel: &'a str,
@@ -36,7 +38,7 @@ impl<'a> Access<'a> {
             Self::Subscribe(channel)
             | Self::Unsubscribe(channel)
             | Self::Publish { channel, .. } => Some(channel),
-            Self::None | Self::Broadcast { .. } => None,
+            Self::None | Self::Read(_) | Self::Broadcast { .. } => None,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use chorus_gate::{Gate, IpLimits, IpSlot};
+use chorus_gate::{AuthConfig, Gate, GateConfig, IpLimits, IpSlot, Jwks, JwtConfig, UserSlot};
 use chorus_hub::{CloseReason, Hub};
 use chorus_pubsub::local::LocalBus;
 use chorus_pubsub::nats::NatsBackbone;
@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{Backbone, Config};
+use crate::http_client::{HttpClient, JwksSource};
 use crate::metrics::Metrics;
 use crate::node::{ClusterNode, Topics};
 
@@ -51,6 +52,8 @@ pub enum StartError {
         adapter: &'static str,
         reason: String,
     },
+    #[error("cannot make the HTTP client: {0}")]
+    HttpClient(String),
 }
 
 /// Everything a request or connection needs.
@@ -82,6 +85,7 @@ impl std::fmt::Debug for App {
 pub struct ConnectionSlot {
     app: Arc<App>,
     _ip: IpSlot,
+    _user: Option<UserSlot>,
 }
 
 impl Drop for ConnectionSlot {
@@ -102,7 +106,11 @@ impl App {
     }
 
     /// Reserves a connection, or `None` past `WS_MAX_CONNECTIONS`.
-    pub fn reserve_connection(self: &Arc<Self>, ip: IpSlot) -> Option<ConnectionSlot> {
+    pub fn reserve_connection(
+        self: &Arc<Self>,
+        ip: IpSlot,
+        user: Option<UserSlot>,
+    ) -> Option<ConnectionSlot> {
         let max = self.config.transport.max_connections;
         let previous = self.connections.fetch_add(1, Ordering::AcqRel);
         if max != 0 && previous >= max {
@@ -113,6 +121,7 @@ impl App {
         Some(ConnectionSlot {
             app: Arc::clone(self),
             _ip: ip,
+            _user: user,
         })
     }
 
@@ -211,7 +220,8 @@ pub async fn start_with_bus(
         Topics::new(&config.cluster.pubsub_channel),
         metrics.pubsub.clone(),
     );
-    let gate = Arc::new(Gate::new(config.limits.gate.clone()));
+    let http = HttpClient::new().map_err(StartError::HttpClient)?;
+    let gate = Arc::new(Gate::new(gate_config(&config, &http)));
     let ip_limits = IpLimits::new(gate.limits());
     let services = Arc::new(Services {
         node: node.clone(),
@@ -256,6 +266,52 @@ pub async fn start_with_bus(
         local_addr,
         accept,
     })
+}
+
+/// The gate's settings, with the JWKS (fetched once now, in the background) when one
+/// is configured.
+fn gate_config(config: &Config, http: &HttpClient) -> GateConfig {
+    let settings = &config.gate;
+    let jwks = settings.jwt_jwks_url.as_ref().and_then(|url| {
+        let uri = url.parse().ok()?;
+        let jwks = Arc::new(Jwks::new(
+            JwksSource {
+                client: http.clone(),
+                uri,
+            },
+            settings.jwt_jwks_refresh,
+        ));
+        let first = Arc::clone(&jwks);
+        tokio::spawn(async move {
+            match first.refresh().await {
+                Ok(keys) => tracing::info!(keys, "JWKS fetched"),
+                Err(why) => {
+                    tracing::warn!(%why, "cannot fetch the JWKS yet; tried again on the first token")
+                }
+            }
+        });
+        Some(jwks)
+    });
+    let jwt = settings.accepts_jwt().then(|| JwtConfig {
+        secret: settings.jwt_secret.clone(),
+        public_key: settings.jwt_public_key.clone(),
+        jwks,
+        leeway: settings.jwt_leeway,
+        issuer: settings.jwt_issuer.clone(),
+        audience: settings.jwt_audience.clone(),
+    });
+    GateConfig {
+        limits: config.limits.gate.clone(),
+        auth: AuthConfig {
+            enabled: settings.auth_enabled,
+            static_tokens: settings.bearer_tokens.clone(),
+            jwt,
+        },
+        namespaces: settings.namespaces.clone(),
+        client_broadcast: settings.client_broadcast,
+        channels_require_grant: settings.channels_require_grant,
+        max_connections_per_user: settings.max_connections_per_user,
+    }
 }
 
 type BackboneParts = (

@@ -7,6 +7,7 @@
 //! write timeout and the client's own requests are never stuck behind its socket.
 //! Nothing here ever waits on another client's socket: fan-out only touches queues.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -14,7 +15,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use chorus_hub::{CloseReason, Identity, Outgoing};
+use chorus_gate::Identity;
+use chorus_hub::{CloseReason, Outgoing};
 use futures_util::{Sink, Stream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -83,11 +85,19 @@ struct Connection {
     ping_due: bool,
     next_ping: Instant,
     last_heard: Instant,
+    /// The token expiry (seconds since the Unix epoch) last converted, and its instant.
+    expiry: Cell<(u64, Instant)>,
 }
 
-pub async fn run(ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSlot) {
+pub async fn run(
+    ws: WsStream,
+    app: Arc<App>,
+    mode: Mode,
+    identity: Identity,
+    slot: ConnectionSlot,
+) {
     let session = match mode {
-        Mode::Rpc => Some(Session::open(Arc::clone(&app), Identity::default())),
+        Mode::Rpc => Some(Session::open(Arc::clone(&app), identity)),
         Mode::Echo => None,
     };
     let now = Instant::now();
@@ -102,6 +112,7 @@ pub async fn run(ws: WsStream, app: Arc<App>, mode: Mode, slot: ConnectionSlot) 
         ping_due: false,
         next_ping: now + app.config.transport.ping_interval,
         last_heard: now,
+        expiry: Cell::new((0, now)),
         app,
     };
     let ending = connection.serve().await;
@@ -143,12 +154,31 @@ impl Connection {
     }
 
     fn next_deadline(&self) -> Instant {
-        match self.stalled_since {
-            Some(since) => self
-                .next_ping
-                .min(since + self.app.config.transport.write_timeout),
-            None => self.next_ping,
+        let mut deadline = self.next_ping;
+        if let Some(since) = self.stalled_since {
+            deadline = deadline.min(since + self.app.config.transport.write_timeout);
         }
+        if let Some(expiry) = self.expiry() {
+            deadline = deadline.min(expiry);
+        }
+        deadline
+    }
+
+    /// When the connection's token expires, on this process's clock: converted once
+    /// per token (`auth.refresh` brings a new one), so the deadline stays put.
+    fn expiry(&self) -> Option<Instant> {
+        let expires_at = self.session.as_ref()?.expires_at()?;
+        let (converted_for, instant) = self.expiry.get();
+        if converted_for == expires_at {
+            return Some(instant);
+        }
+        let expiry = std::time::UNIX_EPOCH + Duration::from_secs(expires_at);
+        let left = expiry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let instant = Instant::now() + left;
+        self.expiry.set((expires_at, instant));
+        Some(instant)
     }
 
     fn poll_step(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<Step> {
@@ -290,6 +320,9 @@ impl Connection {
 
     fn on_tick(&mut self) -> Result<(), Ending> {
         let now = Instant::now();
+        if self.expiry().is_some_and(|expiry| now >= expiry) {
+            return Err(Ending::Close(CloseCode::Library(4001), "token expired"));
+        }
         let transport = &self.app.config.transport;
         if self
             .stalled_since

@@ -1,5 +1,6 @@
 //! HTTP routes on the one port: the WebSocket upgrade (and the optional echo
-//! endpoint), `/health`, `/ready` and `/metrics`. Everything else is 404.
+//! endpoint) with the checks before it (origin, address, token, user), `/health`,
+//! `/ready` and `/metrics`. Everything else is 404.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,9 +29,9 @@ pub async fn route(
     let path = request.uri().path();
     let transport = &app.config.transport;
     let response = if path == transport.ws_path {
-        upgrade(app, peer, request, Mode::Rpc)
+        upgrade(app, peer, request, Mode::Rpc).await
     } else if transport.echo_path.as_deref() == Some(path) {
-        upgrade(app, peer, request, Mode::Echo)
+        upgrade(app, peer, request, Mode::Echo).await
     } else {
         match (request.method(), path) {
             (&Method::GET | &Method::HEAD, "/health") => health(&app),
@@ -123,7 +124,18 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// RFC 6455 section 4.2: validates the handshake, applies origin, drain and
 /// connection limits, answers 101 and hands the socket to a connection task.
-fn upgrade(
+/// The token a request carries: `Authorization: Bearer`, else `?token=`. Neither the
+/// header nor the query string is ever logged.
+fn request_token(request: &Request<Incoming>) -> Option<String> {
+    let from_header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| chorus_gate::bearer_token(value.as_bytes()))
+        .map(str::to_owned);
+    from_header.or_else(|| request.uri().query().and_then(chorus_gate::query_token))
+}
+
+async fn upgrade(
     app: Arc<App>,
     peer: SocketAddr,
     mut request: Request<Incoming>,
@@ -200,7 +212,28 @@ fn upgrade(
             return response;
         }
     };
-    let Some(slot) = app.reserve_connection(ip_slot) else {
+    let gate = &app.services.gate;
+    let identity = match gate
+        .verifier()
+        .verify(request_token(&request).as_deref())
+        .await
+    {
+        Ok(identity) => identity,
+        Err(error) => {
+            app.metrics.auth_failed(error.reason());
+            return refusal(StatusCode::UNAUTHORIZED, error.reason());
+        }
+    };
+    let user_slot = match gate.admit_user(identity.user.as_ref()) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            if let Some(scope) = refused.scope() {
+                app.metrics.rate_limited(scope);
+            }
+            return refusal(StatusCode::TOO_MANY_REQUESTS, &refused.to_string());
+        }
+    };
+    let Some(slot) = app.reserve_connection(ip_slot, user_slot) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
 
@@ -214,7 +247,7 @@ fn upgrade(
                     Some(app.ws_config),
                 )
                 .await;
-                connection::run(ws, app, mode, slot).await;
+                connection::run(ws, app, mode, identity, slot).await;
             }
             Err(err) => tracing::debug!(%err, "upgrade failed"),
         }

@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 mod connection;
 mod http;
+mod http_client;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -1,11 +1,27 @@
 //! `chorus`: the server binary. Reads `WS_*` variables, refuses a bad one with exit
 //! code 2 before binding anything, serves until SIGTERM or SIGINT, then drains.
+//! `chorus token ...` mints a development token instead (see [`token`]).
 
 use std::process::ExitCode;
 
 use chorus_server::{Config, logging, start};
 
+mod token;
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("token") => return token::run(&args[1..]),
+        Some("-h" | "--help") => {
+            println!("{}", token::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("chorus: unknown argument {other:?}\n{}", token::USAGE);
+            return ExitCode::from(2);
+        }
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {

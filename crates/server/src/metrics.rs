@@ -78,6 +78,8 @@ pub struct Metrics {
     pub slow_consumer_drops: IntCounter,
     pub replies_cut: IntCounter,
     pub flood_closes: IntCounter,
+    /// By reason, in the order of [`chorus_gate::AuthError::REASONS`].
+    auth_failures: Vec<IntCounter>,
     pub pubsub: PubsubMetrics,
     /// Sorted by method name: found by binary search, without hashing every call's name.
     methods: Vec<(&'static str, MethodSeries)>,
@@ -140,6 +142,18 @@ impl Metrics {
             "ws_flood_closes_total",
             "Connections closed (1008) for pushing at more than ten times their request budget",
         )?;
+        let auth_failures_vec = IntCounterVec::new(
+            Opts::new(
+                "ws_auth_failures_total",
+                "Upgrades refused with 401, by reason (missing, malformed, expired, ...)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(auth_failures_vec.clone()))?;
+        let auth_failures = chorus_gate::AuthError::REASONS
+            .iter()
+            .map(|reason| auth_failures_vec.with_label_values(&[reason]))
+            .collect();
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -232,6 +246,7 @@ impl Metrics {
             slow_consumer_drops,
             replies_cut,
             flood_closes,
+            auth_failures,
             pubsub: PubsubMetrics {
                 published,
                 received,
@@ -282,6 +297,16 @@ impl Observer for Metrics {
 }
 
 impl Metrics {
+    /// An upgrade refused for its token; `reason` is one of `AuthError::REASONS`.
+    pub fn auth_failed(&self, reason: &str) {
+        if let Some(index) = chorus_gate::AuthError::REASONS
+            .iter()
+            .position(|known| *known == reason)
+        {
+            self.auth_failures[index].inc();
+        }
+    }
+
     pub fn rate_limited(&self, scope: Scope) {
         if let Some(index) = Scope::ALL.iter().position(|s| *s == scope) {
             self.rate_limited[index].inc();
@@ -318,6 +343,9 @@ mod tests {
             "ws_rate_limited_total{scope=\"publish\"}",
             "ws_rate_limited_total{scope=\"replica\"}",
             "ws_rate_limited_total{scope=\"ip\"}",
+            "ws_rate_limited_total{scope=\"user\"}",
+            "ws_auth_failures_total{reason=\"missing\"}",
+            "ws_auth_failures_total{reason=\"expired\"}",
             "ws_slow_consumer_drops_total",
             "ws_replies_cut_total",
             "ws_flood_closes_total",

@@ -7,7 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use chorus_hub::{ClientHandle, Frame, Identity, Outbox};
+use chorus_gate::Identity;
+use chorus_hub::{ClientHandle, Frame, Outbox};
 use chorus_rpc::{Caller, Handled, LaterMessage, notification};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -46,18 +47,31 @@ pub struct Session {
 
 impl Session {
     /// Creates the client, queues its greeting (always the first frame it gets), and
-    /// makes it reachable.
+    /// makes it reachable, also by its user and device.
     pub fn open(app: Arc<App>, identity: Identity) -> Self {
         let hub = app.node.hub();
-        let (client, outbox) = hub.create_client(identity);
-        let greeting = notification::value(
-            "sys.connected",
-            &serde_json::json!({"client_id": client.id().to_string(), "node_id": app.node.node_id()}),
-        );
-        let _ = client.send(greeting);
+        let (client, outbox) = hub.create_client(chorus_hub::Identity {
+            user: identity.user.clone(),
+            device: identity.device.clone(),
+        });
+        let mut greeting = serde_json::json!({
+            "client_id": client.id().to_string(),
+            "node_id": app.node.node_id(),
+        });
+        if let Some(user) = &identity.user {
+            greeting["user"] = (**user).into();
+        }
+        if let Some(device) = &identity.device {
+            greeting["device"] = (**device).into();
+        }
+        let _ = client.send(notification::value("sys.connected", &greeting));
         hub.register(&client);
         app.metrics.connections_total.inc();
-        let caller = Arc::new(Caller::new(client, app.services.gate.connection()));
+        let caller = Arc::new(Caller::new(
+            client,
+            identity,
+            app.services.gate.connection(),
+        ));
         Self {
             app,
             caller,
@@ -69,6 +83,11 @@ impl Session {
 
     pub fn client(&self) -> &ClientHandle {
         &self.caller.client
+    }
+
+    /// When the connection's token expires (seconds since the Unix epoch).
+    pub fn expires_at(&self) -> Option<u64> {
+        self.caller.expires_at()
     }
 
     /// Handles one inbound text message: its reply is queued now, or once its deferred

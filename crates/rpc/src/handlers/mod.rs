@@ -3,6 +3,7 @@
 //!
 //! [`Method`]: crate::Method
 
+mod auth_refresh;
 mod broadcast;
 mod channel;
 mod ping;
@@ -22,6 +23,7 @@ pub fn register_all(router: &mut Router) -> &mut Router {
         .register("subscribe", subscribe::Subscribe)
         .register("unsubscribe", unsubscribe::Unsubscribe)
         .register("publish", publish::Publish)
+        .register("auth.refresh", auth_refresh::AuthRefresh)
 }
 
 impl Router {

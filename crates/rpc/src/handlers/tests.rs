@@ -3,8 +3,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chorus_gate::{Gate, Limits, Rate, RequestRate};
-use chorus_hub::{ClientHandle, Frame, Hub, Identity, NoEvents, Outbox};
+use chorus_gate::{
+    AuthConfig, Gate, GateConfig, Grants, Identity, JwtConfig, Limits, NamespaceOptions,
+    Namespaces, Pattern, Rate, RequestRate, TokenClaims, mint_hs256,
+};
+use chorus_hub::{ClientHandle, Frame, Hub, NoEvents, Outbox};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -88,6 +91,17 @@ impl Setup {
     }
 
     fn with(backbone: Backbone, limits: Limits, send_budget: usize) -> Self {
+        Self::with_gate(
+            backbone,
+            GateConfig {
+                limits,
+                ..GateConfig::default()
+            },
+            send_budget,
+        )
+    }
+
+    fn with_gate(backbone: Backbone, gate: GateConfig, send_budget: usize) -> Self {
         let node = Arc::new(HubNode {
             hub: Hub::new(send_budget, Arc::new(NoEvents)),
             backbone,
@@ -95,7 +109,7 @@ impl Setup {
         });
         let services = Arc::new(Services {
             node: node.clone(),
-            gate: Arc::new(Gate::new(limits)),
+            gate: Arc::new(Gate::new(gate)),
             observer: Arc::new(NoObserver),
         });
         Self {
@@ -106,9 +120,20 @@ impl Setup {
     }
 
     fn client(&self) -> (Arc<Caller>, Outbox) {
-        let (client, outbox) = self.node.hub.create_client(Identity::default());
+        self.client_as(Identity::anonymous())
+    }
+
+    fn client_as(&self, identity: Identity) -> (Arc<Caller>, Outbox) {
+        let (client, outbox) = self.node.hub.create_client(chorus_hub::Identity {
+            user: identity.user.clone(),
+            device: identity.device.clone(),
+        });
         self.node.hub.register(&client);
-        let caller = Arc::new(Caller::new(client, self.services.gate.connection()));
+        let caller = Arc::new(Caller::new(
+            client,
+            identity,
+            self.services.gate.connection(),
+        ));
         (caller, outbox)
     }
 
@@ -594,4 +619,170 @@ fn deeply_nested_input_is_an_error_not_a_crash() {
             &reply[..80]
         );
     }
+}
+
+fn granted(channels: &[&str], subscribe: &[&str], publish: &[&str]) -> Identity {
+    let parse = |list: &[&str]| -> Vec<Pattern> {
+        list.iter()
+            .map(|text| Pattern::parse(text).expect("a pattern"))
+            .collect()
+    };
+    Identity {
+        user: Some(Arc::from("alice")),
+        grants: Grants {
+            channels: parse(channels),
+            subscribe: parse(subscribe),
+            publish: parse(publish),
+            present: true,
+        },
+        ..Identity::default()
+    }
+}
+
+#[test]
+fn grants_decide_subscribe_and_publish() {
+    let setup = Setup::new(Backbone::Up);
+    let (client, _outbox) = setup.client_as(granted(&["items:*"], &["news"], &["inbox:bob"]));
+    for (method, channel, allowed) in [
+        ("subscribe", "items:1", true),
+        ("subscribe", "news", true),
+        ("subscribe", "inbox:bob", false),
+        ("subscribe", "secret", false),
+        ("publish", "items:1", true),
+        ("publish", "inbox:bob", true),
+        ("publish", "news", false),
+    ] {
+        let params = if method == "publish" {
+            json!({"channel": channel, "data": 1})
+        } else {
+            json!({"channel": channel})
+        };
+        let reply = setup.call(&client, request(method, params));
+        if allowed {
+            assert!(reply.get("result").is_some(), "{method} {channel}: {reply}");
+        } else {
+            assert_eq!(
+                reply["error"]["code"], -32003,
+                "{method} {channel}: {reply}"
+            );
+            assert_eq!(reply["error"]["data"], json!({"channel": channel}));
+        }
+    }
+}
+
+#[test]
+fn a_grant_can_be_required_and_namespaces_can_forbid_client_publishing() {
+    let setup = Setup::with_gate(
+        Backbone::Up,
+        GateConfig {
+            limits: open_limits(),
+            namespaces: Namespaces::new(std::collections::HashMap::from([(
+                "feed".to_owned(),
+                NamespaceOptions {
+                    client_publish: false,
+                    ..NamespaceOptions::default()
+                },
+            )])),
+            client_broadcast: false,
+            channels_require_grant: true,
+            ..GateConfig::default()
+        },
+        1 << 20,
+    );
+    let (anonymous, _a) = setup.client();
+    let refused = setup.call(&anonymous, request("subscribe", json!({"channel": "x"})));
+    assert_eq!(refused["error"]["code"], -32003, "no grant, none required");
+    let (granted, _g) = setup.client_as(granted(&["*"], &[], &[]));
+    let refused = setup.call(
+        &granted,
+        request("publish", json!({"channel": "feed:1", "data": 1})),
+    );
+    assert_eq!(refused["error"]["code"], -32003);
+    assert_eq!(
+        refused["error"]["data"],
+        json!({"channel": "feed:1", "reason": "client publish disabled"})
+    );
+    let refused = setup.call(&granted, request("broadcast", json!({"x": 1})));
+    assert_eq!(refused["error"]["code"], -32003);
+    assert_eq!(
+        refused["error"]["data"],
+        json!({"reason": "client broadcast disabled"})
+    );
+    assert!(
+        setup
+            .call(&granted, request("subscribe", json!({"channel": "feed:1"})))
+            .get("result")
+            .is_some(),
+        "subscribing is still allowed"
+    );
+}
+
+#[tokio::test]
+async fn auth_refresh_takes_a_token_of_the_same_user_only() {
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    let setup = Setup::with_gate(
+        Backbone::Up,
+        GateConfig {
+            limits: open_limits(),
+            auth: AuthConfig {
+                enabled: true,
+                static_tokens: vec![],
+                jwt: Some(JwtConfig {
+                    secret: Some(Arc::from(SECRET)),
+                    public_key: None,
+                    jwks: None,
+                    leeway: Duration::from_secs(5),
+                    issuer: None,
+                    audience: None,
+                }),
+            },
+            ..GateConfig::default()
+        },
+        1 << 20,
+    );
+    let mut alice = granted(&["items:*"], &[], &[]);
+    alice.expires_at = Some(1);
+    let (client, _outbox) = setup.client_as(alice);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = |sub: &str| {
+        mint_hs256(
+            SECRET,
+            &TokenClaims {
+                sub: sub.into(),
+                channels: Some(vec!["news".into()]),
+                iat: now,
+                exp: now + 3600,
+                ..TokenClaims::default()
+            },
+        )
+        .expect("signs")
+    };
+    let refresh = |token: String| {
+        setup.handle(
+            &client,
+            &request("auth.refresh", json!({"token": token})).to_string(),
+        )
+    };
+    let reply = later(refresh(token("alice"))).await;
+    assert_eq!(reply["result"], json!({"exp": now + 3600}), "{reply}");
+    assert_eq!(client.expires_at(), Some(now + 3600));
+    assert!(
+        client.identity().grants.may_subscribe("news", false),
+        "the new grants apply"
+    );
+    assert!(!client.identity().grants.may_subscribe("items:1", false));
+
+    let reply = later(refresh(token("mallory"))).await;
+    assert_eq!(reply["error"]["code"], -32003, "{reply}");
+    let reply = later(refresh("not a token".into())).await;
+    assert_eq!(reply["error"]["code"], -32001, "{reply}");
+    assert_eq!(reply["error"]["data"], json!({"reason": "malformed"}));
+    assert_eq!(
+        client.expires_at(),
+        Some(now + 3600),
+        "unchanged by refusals"
+    );
 }

@@ -12,7 +12,6 @@ use super::{ConfigError, Vars, read};
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub(super) struct Raw {
-    auth_enabled: Option<String>,
     rate_limit_enabled: Option<String>,
     rate_limit_rate: Option<String>,
     rate_limit_interval: Option<String>,
@@ -42,11 +41,6 @@ const COUNT: &str = "a whole number";
 impl LimitsConfig {
     pub(super) fn load(vars: &Vars) -> Result<Self, ConfigError> {
         let raw: Raw = read(vars)?;
-        refuse_unbuilt(
-            "WS_AUTH_ENABLED",
-            raw.auth_enabled.as_deref(),
-            "authentication",
-        )?;
         let defaults = Limits::default();
         let enabled = parse_or(
             "WS_RATE_LIMIT_ENABLED",
@@ -226,20 +220,6 @@ fn parse_network(entry: &str) -> Option<ipnet::IpNet> {
             .ok()
             .map(ipnet::IpNet::from)
     })
-}
-
-/// Settings for features that are not built yet: refusing them is safer than running
-/// open while the operator believes clients are checked.
-fn refuse_unbuilt(variable: &str, value: Option<&str>, feature: &str) -> Result<(), ConfigError> {
-    match value.map(parse_bool) {
-        None | Some(Some(false)) => Ok(()),
-        Some(Some(true)) => Err(error(
-            variable,
-            "true",
-            &format!("false: {feature} is not available in this version"),
-        )),
-        Some(None) => Err(error(variable, value.unwrap_or_default(), "true or false")),
-    }
 }
 
 #[cfg(test)]

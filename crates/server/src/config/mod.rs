@@ -7,6 +7,7 @@
 //! together.
 
 mod cluster;
+mod gate;
 mod limits;
 mod log;
 mod transport;
@@ -15,6 +16,7 @@ mod values;
 use serde::Deserialize;
 
 pub use cluster::{Backbone, ClusterConfig};
+pub use gate::GateSettings;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
 pub use transport::{AllowedOrigins, TransportConfig};
@@ -25,6 +27,7 @@ pub use values::parse_duration;
 pub struct Config {
     pub transport: TransportConfig,
     pub limits: LimitsConfig,
+    pub gate: GateSettings,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
@@ -58,11 +61,13 @@ impl Config {
         refuse_unknown(&vars)?;
         let transport = TransportConfig::load(&vars)?;
         let limits = LimitsConfig::load(&vars)?;
+        let gate = GateSettings::load(&vars)?;
         let cluster = ClusterConfig::load(&vars)?;
         let log = LogConfig::load(&vars)?;
         let config = Self {
             transport,
             limits,
+            gate,
             cluster,
             log,
         };
@@ -94,6 +99,7 @@ fn known_variables() -> Vec<String> {
     [
         values::fields::<transport::Raw>(),
         values::fields::<limits::Raw>(),
+        values::fields::<gate::Raw>(),
         values::fields::<cluster::Raw>(),
         values::fields::<log::Raw>(),
     ]
@@ -205,8 +211,11 @@ mod tests {
             ("WS_PUBSUB_ENABLED", "maybe"),
             ("WS_LOG_FORMAT", "xml"),
             ("WS_MAX_CONNECTIONS", "-1"),
-            ("WS_AUTH_ENABLED", "true"),
+            ("WS_AUTH_ENABLED", "maybe"),
             ("WS_PUBSUB_CHANNEL", "has space"),
+            ("WS_JWT_LEEWAY", "a while"),
+            ("WS_MAX_CONNECTIONS_PER_USER", "many"),
+            ("WS_CLIENT_BROADCAST", "perhaps"),
             ("WS_RATE_LIMIT_ENABLED", "sometimes"),
             ("WS_RATE_LIMIT_RATE", "fast"),
             ("WS_PUBLISH_RATE", "-5"),

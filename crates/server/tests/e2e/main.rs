@@ -6,6 +6,7 @@ mod support;
 #[path = "../../../pubsub/tests/support/mod.rs"]
 mod backbone;
 
+mod auth;
 mod cluster_backbone;
 
 mod cluster_local;

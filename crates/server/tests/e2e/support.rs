@@ -51,6 +51,8 @@ pub struct Client {
     pub socket: Socket,
     pub client_id: String,
     pub node_id: String,
+    /// The whole `sys.connected` notification.
+    pub greeting: Value,
     next_id: u64,
 }
 
@@ -68,6 +70,7 @@ impl Client {
             socket,
             client_id: String::new(),
             node_id: String::new(),
+            greeting: Value::Null,
             next_id: 0,
         };
         let greeting = client.recv().await;
@@ -75,6 +78,7 @@ impl Client {
             greeting["method"], "sys.connected",
             "first frame is the greeting: {greeting}"
         );
+        client.greeting = greeting.clone();
         client.client_id = greeting["params"]["client_id"]
             .as_str()
             .expect("client_id")
@@ -303,10 +307,12 @@ impl Client {
             socket,
             client_id: String::new(),
             node_id: String::new(),
+            greeting: Value::Null,
             next_id: 0,
         };
         let greeting = client.recv().await;
         assert_eq!(greeting["method"], "sys.connected");
+        client.greeting = greeting;
         client
     }
 }
