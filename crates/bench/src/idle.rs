@@ -129,7 +129,8 @@ pub async fn run(c: &Common, o: &IdleOpts) -> Report {
         .param("replicas", c.urls.len())
         .param("workers", plan.len())
         .param("server_pids", o.server_pids.clone())
-        .param("hold_s", o.hold.as_secs_f64());
+        .param("hold_s", o.hold.as_secs_f64())
+        .param("jwt", c.jwt_secret.is_some());
 
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -156,6 +157,10 @@ pub async fn run(c: &Common, o: &IdleOpts) -> Report {
             .arg(c.connect_timeout.as_secs_f64().to_string());
         if !c.hello {
             cmd.arg("--no-hello");
+        }
+        if let Some(secret) = &c.jwt_secret {
+            // Through the environment, not the command line other users can read.
+            cmd.env("CHORUS_BENCH_JWT_SECRET", secret);
         }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -331,6 +336,10 @@ pub struct WorkerOpts {
 pub async fn worker(c: &Common, o: &WorkerOpts, max_life: Duration) -> std::io::Result<()> {
     let mut out = tokio::io::stdout();
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    // Tokens are minted before the timed part: the accept rate is the server's.
+    let targets: Vec<Target> = (0..o.conns)
+        .map(|i| c.target_for(&o.target, o.index_base + i))
+        .collect();
     out.write_all(b"ready\n").await?;
     out.flush().await?;
     let started = Instant::now();
@@ -345,8 +354,7 @@ pub async fn worker(c: &Common, o: &WorkerOpts, max_life: Duration) -> std::io::
     let sem = Arc::new(Semaphore::new(c.concurrency.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(o.conns);
-    for i in 0..o.conns {
-        let target = o.target.clone();
+    for (i, target) in targets.into_iter().enumerate() {
         let src = target.source_for(o.index_base + i);
         let (ok, failed, dropped, first_err, sem) = (
             ok.clone(),

@@ -32,6 +32,9 @@ pub struct Common {
     pub connect_timeout: Duration,
     /// How many connections are being opened at once (per process).
     pub concurrency: usize,
+    /// With a secret, connection `i` carries its own HS256 token (user `user-i`,
+    /// device `device-i`) in `?token=`.
+    pub jwt_secret: Option<String>,
 }
 
 impl Common {
@@ -43,6 +46,36 @@ impl Common {
             progress: false,
             connect_timeout: Duration::from_secs(15),
             concurrency: 256,
+            jwt_secret: None,
+        }
+    }
+
+    /// The target of connection `index` to `target`: with a token when a JWT secret is
+    /// set.
+    pub fn target_for(&self, target: &Target, index: usize) -> Target {
+        let Some(secret) = &self.jwt_secret else {
+            return target.clone();
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let claims = serde_json::json!({
+            "sub": format!("user-{index}"),
+            "device": format!("device-{index}"),
+            "channels": [format!("user:{index}:*")],
+            "iat": now,
+            "exp": now + 3600,
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap_or_default();
+        let separator = if target.url.contains('?') { '&' } else { '?' };
+        Target {
+            url: format!("{}{separator}token={token}", target.url),
+            addr: target.addr,
         }
     }
 

@@ -32,6 +32,8 @@ COMMON OPTIONS:
   --timeout S           hard bound on the whole run (exit 3)        [600]
 
 idle:     --conns N (19000 x replicas)  --server-pid PID (repeat)
+          --jwt-secret S: each connection carries its own HS256 token signed with S
+          (user-N, device-N; also read from CHORUS_BENCH_JWT_SECRET)
           --per-worker N (10000, one process per N connections)  --hold S (2)
           --replicas R: with --url, R URLs to spread over; without, start R chorus
           processes here (--server-bin PATH [the chorus beside chorus-bench],
@@ -70,6 +72,7 @@ struct Args {
     index_base: usize,
     server_bin: Option<PathBuf>,
     backbone: Option<String>,
+    jwt_secret: Option<String>,
     // fanout / cluster
     subs: Option<usize>,
     subs_per_replica: Option<usize>,
@@ -127,6 +130,7 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("index-base") => a.index_base = p.value()?.parse()?,
             Long("server-bin") => a.server_bin = Some(p.value()?.parse()?),
             Long("backbone") => a.backbone = Some(p.value()?.parse()?),
+            Long("jwt-secret") => a.jwt_secret = Some(p.value()?.parse()?),
             Long("subs") => a.subs = Some(p.value()?.parse()?),
             Long("subs-per-replica") => a.subs_per_replica = Some(p.value()?.parse()?),
             Long("messages") => a.messages = Some(p.value()?.parse()?),
@@ -173,6 +177,11 @@ fn common(a: &Args) -> Result<Common, String> {
     if let Some(s) = a.connect_timeout {
         c.connect_timeout = secs(s)?;
     }
+    c.jwt_secret = a
+        .jwt_secret
+        .clone()
+        .or_else(|| std::env::var("CHORUS_BENCH_JWT_SECRET").ok())
+        .filter(|secret| !secret.is_empty());
     Ok(c)
 }
 
@@ -343,7 +352,12 @@ async fn main() -> ExitCode {
                 eprintln!("chorus-bench: cannot locate chorus; pass --server-bin");
                 return ExitCode::from(2);
             };
-            match replicas::spawn(&bin, count, a.backbone.as_deref()).await {
+            let secret = a
+                .jwt_secret
+                .clone()
+                .or_else(|| std::env::var("CHORUS_BENCH_JWT_SECRET").ok())
+                .filter(|secret| !secret.is_empty());
+            match replicas::spawn(&bin, count, a.backbone.as_deref(), secret.as_deref()).await {
                 Ok(started) => {
                     a.urls = started.targets.iter().map(|t| t.url.clone()).collect();
                     a.server_pids.clone_from(&started.pids);

@@ -32,8 +32,14 @@ pub fn default_server_bin() -> Option<PathBuf> {
 
 /// Starts `count` servers from `bin` on free loopback ports. `backbone` is a
 /// `redis://` or `nats://` URL; without one each replica runs standalone, which is
-/// enough to hold idle connections.
-pub async fn spawn(bin: &Path, count: usize, backbone: Option<&str>) -> Result<Replicas, String> {
+/// enough to hold idle connections. With a JWT secret, the servers require tokens
+/// signed with it.
+pub async fn spawn(
+    bin: &Path,
+    count: usize,
+    backbone: Option<&str>,
+    jwt_secret: Option<&str>,
+) -> Result<Replicas, String> {
     let mut replicas = Replicas {
         children: Vec::new(),
         targets: Vec::new(),
@@ -52,6 +58,10 @@ pub async fn spawn(bin: &Path, count: usize, backbone: Option<&str>) -> Result<R
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(secret) = jwt_secret {
+            cmd.env("WS_AUTH_ENABLED", "true")
+                .env("WS_JWT_SECRET", secret);
+        }
         if let Some(url) = backbone {
             let (adapter, variable) = if url.starts_with("nats://") || url.starts_with("tls://") {
                 ("nats", "WS_NATS_URL")
