@@ -7,6 +7,7 @@ pub mod config;
 mod connection;
 mod http;
 mod http_client;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use chorus_server::{Config, logging, start};
 
+mod health;
 mod token;
 
 fn main() -> ExitCode {
@@ -13,6 +14,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         None => {}
         Some("token") => return token::run(&args[1..]),
+        Some("health") => return health::run(&args[1..]),
         Some("-h" | "--help") => {
             println!("{}", token::USAGE);
             return ExitCode::SUCCESS;
@@ -30,6 +32,8 @@ fn main() -> ExitCode {
         }
     };
     logging::init(&config);
+    let open_files = chorus_server::limits::raise_open_files();
+    tracing::info!(?open_files, "open-file limit (each connection is one)");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -9,6 +9,8 @@ use chorus_server::config::parse_duration;
 
 pub const USAGE: &str = "\
 usage: chorus                      serve (configured by WS_* variables; see the README)
+       chorus health [URL]         exit 0 when URL (default http://127.0.0.1:$WS_PORT/health)
+                                   answers 200: a container health check without curl
        chorus token --sub USER [--device ID] [--channels P,P] [--subscribe P,P]
                     [--publish P,P] [--info JSON] [--ttl 1h] [--iss ISSUER] [--aud AUDIENCE]
                     print an HS256 token signed with WS_JWT_SECRET (patterns: a name,

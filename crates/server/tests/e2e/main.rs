@@ -14,5 +14,6 @@ mod delivery;
 mod hostile;
 mod jsonrpc_spec;
 mod limits;
+mod ops;
 mod process;
 mod transport;
