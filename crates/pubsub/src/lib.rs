@@ -2,6 +2,8 @@
 //! [`Envelope`] that crosses it, the recent-id set that drops duplicates, and the
 //! adapters themselves (`local` for one process, `redis` and `nats` for a cluster).
 //!
+//! The [`presence`] stores follow the backbone: memory, Redis, NATS KV.
+//!
 //! Adapters move opaque bytes on named topics. Everything Chorus-specific (which
 //! topic a channel maps to, what to do with a message) lives in the server.
 
@@ -9,6 +11,7 @@ pub mod dedup;
 pub mod envelope;
 pub mod local;
 pub mod nats;
+pub mod presence;
 pub mod redis;
 
 use std::future::Future;

@@ -1,0 +1,1 @@
+//! Presence in NATS JetStream KV (to be written).
