@@ -188,6 +188,17 @@ impl Gate {
         self.admit_publication(connection, bytes)
     }
 
+    /// Admits a publication of the server API: it may publish anywhere, unbudgeted,
+    /// but what clients receive is bounded all the same.
+    pub fn admit_api_publication(&self, bytes: usize) -> Result<(), Refusal> {
+        if bytes > self.limits.max_publish_size {
+            return Err(Refusal::PayloadTooLarge {
+                limit: self.limits.max_publish_size,
+            });
+        }
+        Ok(())
+    }
+
     /// The size cap, then the connection's budgets, then the replica's.
     fn admit_publication(
         &self,

@@ -31,6 +31,12 @@ pub enum CloseReason {
     SlowConsumer,
     /// The server is shutting down (close code 1001): queued frames are sent first.
     Shutdown,
+    /// The server API kicked the connection (close code 4003): queued frames, the
+    /// `sys.kick` notice last, are sent first.
+    Kicked,
+    /// A newer connection of the same user and device replaced it (close code 4002):
+    /// queued frames, the `sys.replaced` notice last, are sent first.
+    Replaced,
 }
 
 impl CloseReason {
@@ -38,12 +44,14 @@ impl CloseReason {
         match self {
             Self::SlowConsumer => 1013,
             Self::Shutdown => 1001,
+            Self::Kicked => 4003,
+            Self::Replaced => 4002,
         }
     }
 
     /// Whether frames already queued go out before the close frame.
     pub fn flushes_queue(self) -> bool {
-        matches!(self, Self::Shutdown)
+        !matches!(self, Self::SlowConsumer)
     }
 }
 
@@ -180,6 +188,11 @@ impl ClientHandle {
     /// Whether the client is subscribed to `channel`.
     pub fn is_subscribed(&self, channel: &str) -> bool {
         self.channels().contains(channel)
+    }
+
+    /// The channels the client is subscribed to.
+    pub fn subscriptions(&self) -> Vec<Arc<str>> {
+        self.channels().iter().cloned().collect()
     }
 
     /// How many channels the client is subscribed to.

@@ -139,6 +139,21 @@ impl Hub {
             .collect()
     }
 
+    /// The registered client with this id.
+    pub fn client(&self, id: ClientId) -> Option<ClientHandle> {
+        read(&self.clients[client_shard(id)]).get(&id).cloned()
+    }
+
+    /// Whether `user` has a registered client on this node.
+    pub fn has_user(&self, user: &str) -> bool {
+        read(&self.users[name_shard(user)]).contains_key(user)
+    }
+
+    /// Whether `device` has a registered client on this node.
+    pub fn has_device(&self, device: &str) -> bool {
+        read(&self.devices[name_shard(device)]).contains_key(device)
+    }
+
     /// This node's clients of `user`.
     pub fn clients_of_user(&self, user: &str) -> Vec<ClientHandle> {
         Self::named(&self.users, user)
@@ -182,6 +197,19 @@ impl Hub {
         shard.get(channel).map_or(0, |subscribers| {
             subscribers
                 .values()
+                .filter(|client| client.send(frame.clone()).is_ok())
+                .count()
+        })
+    }
+
+    /// Queues `frame` for every subscriber of `channel` on this node but `except`
+    /// (e.g. the member a `sys.join` is about).
+    pub fn publish_except(&self, channel: &str, frame: &Frame, except: ClientId) -> usize {
+        let shard = read(&self.channels[name_shard(channel)]);
+        shard.get(channel).map_or(0, |subscribers| {
+            subscribers
+                .values()
+                .filter(|client| client.id() != except)
                 .filter(|client| client.send(frame.clone()).is_ok())
                 .count()
         })
@@ -239,6 +267,19 @@ impl Hub {
         read(&self.channels[name_shard(channel)])
             .get(channel)
             .map_or(0, HashMap::len)
+    }
+
+    /// Every channel with a subscriber on this node, and how many it has.
+    pub fn channel_counts(&self) -> Vec<(Arc<str>, usize)> {
+        self.channels
+            .iter()
+            .flat_map(|shard| {
+                read(shard)
+                    .iter()
+                    .map(|(channel, subscribers)| (Arc::clone(channel), subscribers.len()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Calls `f` for every registered client, e.g. to say goodbye at shutdown.

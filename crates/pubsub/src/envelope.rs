@@ -31,14 +31,14 @@ pub enum Kind {
     Broadcast,
     /// Deliver to the subscribers of the channel named by `target`.
     Channel,
-    /// Deliver to every connection of the user named by `target`.
-    User,
-    /// Deliver to the device named by `target`.
-    Device,
-    /// Disconnect the user or device named by `target`.
+    /// Deliver to the connections `target` names (users, devices, client ids).
+    Direct,
+    /// Deliver to the connections `target` names, then close them: a newer connection
+    /// of the same user and device replaced them.
+    Replace,
+    /// Deliver to the connections `target` names (the `sys.kick` notice), then close
+    /// them.
     Kick,
-    /// A presence change.
-    Presence,
     /// "This replica is alive": sent on the broadcast topic now and then, so that two
     /// replicas configured with one node id notice each other even without traffic.
     Heartbeat,
@@ -51,10 +51,9 @@ impl Kind {
         match self {
             Self::Broadcast => 1,
             Self::Channel => 2,
-            Self::User => 3,
-            Self::Device => 4,
+            Self::Direct => 3,
+            Self::Replace => 4,
             Self::Kick => 5,
-            Self::Presence => 6,
             Self::Heartbeat => 7,
             Self::Unknown(other) => other,
         }
@@ -64,10 +63,9 @@ impl Kind {
         match value {
             1 => Self::Broadcast,
             2 => Self::Channel,
-            3 => Self::User,
-            4 => Self::Device,
+            3 => Self::Direct,
+            4 => Self::Replace,
             5 => Self::Kick,
-            6 => Self::Presence,
             7 => Self::Heartbeat,
             other => Self::Unknown(other),
         }
@@ -131,7 +129,7 @@ pub struct Envelope {
     /// Milliseconds since the Unix epoch when it was created.
     pub origin_ts_ms: u64,
     pub kind: Kind,
-    /// The channel, user or device it is for; empty for broadcasts.
+    /// The channel it is for, or the targets of a direct kind; empty for broadcasts.
     pub target: String,
     /// The serialised notification, delivered to clients as is.
     pub payload: Bytes,

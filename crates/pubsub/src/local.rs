@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::presence::memory::MemoryPresence;
 use crate::{Backbone, Held, Incoming, PubsubError, held};
 
 const NAME: &str = "local";
@@ -23,11 +24,13 @@ struct Member {
     incoming: mpsc::Sender<Incoming>,
 }
 
-/// A message bus shared by the [`LocalBackbone`]s attached to it. Starts connected.
+/// A message bus shared by the [`LocalBackbone`]s attached to it, and the presence
+/// they share. Starts connected.
 #[derive(Clone)]
 pub struct LocalBus {
     state: Arc<Mutex<BusState>>,
     connected: Arc<AtomicBool>,
+    presence: MemoryPresence,
 }
 
 impl std::fmt::Debug for LocalBus {
@@ -47,7 +50,13 @@ impl LocalBus {
         Self {
             state: Arc::default(),
             connected: Arc::new(AtomicBool::new(true)),
+            presence: MemoryPresence::new(),
         }
+    }
+
+    /// The presence store every replica on this bus shares.
+    pub fn presence(&self) -> MemoryPresence {
+        self.presence.clone()
     }
 
     /// Attaches a replica; what it receives goes to `incoming`.

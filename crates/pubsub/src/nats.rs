@@ -46,14 +46,14 @@ const SUBSCRIPTION_QUEUE: usize = 4096;
 /// (its default, 65 536, can hold a lot of memory per topic).
 const SUBSCRIPTION_CAPACITY: usize = 4096;
 /// How long a TCP connect and handshake may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Client PINGs; two unanswered ones drop the connection (the default is 60 s).
-const PING_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// Reconnect backoff: at once, then 50 ms doubling up to 1 s, forever.
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// How often a repeated warning (slow consumer, lost publications) is logged at most.
-const LOG_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 /// (Un)subscriptions applied together, then confirmed by one marker.
 const SUBSCRIPTION_BATCH: usize = 512;
 /// How long a marker may take to come back before the subscriptions it would confirm
@@ -182,7 +182,7 @@ fn hex_value(digit: u8) -> Option<u8> {
 }
 
 /// Credentials embedded in a URL; async-nats 0.51 ignores them unless passed explicitly.
-enum Credentials {
+pub(crate) enum Credentials {
     UserPassword(String, String),
     Token(String),
 }
@@ -194,7 +194,7 @@ pub fn validate_url(url: &str) -> Result<(), PubsubError> {
     parse_urls(url).map(|_| ())
 }
 
-fn parse_urls(url: &str) -> Result<(Vec<ServerAddr>, Option<Credentials>), PubsubError> {
+pub(crate) fn parse_urls(url: &str) -> Result<(Vec<ServerAddr>, Option<Credentials>), PubsubError> {
     let invalid = |part: &str, why: &str| {
         PubsubError::InvalidUrl(format!("{}: {why}", redact_url(part.trim())))
     };
@@ -402,7 +402,7 @@ where
 }
 
 /// async-nats counts attempts from 1 per server; its own default backs off to 4 s.
-fn reconnect_delay(attempts: usize) -> Duration {
+pub(crate) fn reconnect_delay(attempts: usize) -> Duration {
     if attempts <= 1 {
         return Duration::ZERO;
     }

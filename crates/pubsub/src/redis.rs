@@ -115,7 +115,7 @@ pub fn validate_url(url: &str) -> Result<(), PubsubError> {
     parse_config(url).map(|_| ())
 }
 
-fn parse_config(url: &str) -> Result<Config, PubsubError> {
+pub(crate) fn parse_config(url: &str) -> Result<Config, PubsubError> {
     let invalid = |why: &str| PubsubError::InvalidUrl(format!("{}: {why}", redact_url(url)));
     let scheme = url
         .split_once("://")
@@ -274,7 +274,7 @@ where
     AbortOnDrop(tokio::spawn(task).abort_handle())
 }
 
-fn builder(config: Config, broadcast_capacity: Option<usize>) -> Builder {
+pub(crate) fn builder(config: Config, broadcast_capacity: Option<usize>) -> Builder {
     let mut builder = Builder::from_config(Config {
         // Run the reconnect policy for the first connection too, instead of failing
         // when Redis is not up yet.
@@ -309,7 +309,7 @@ fn builder(config: Config, broadcast_capacity: Option<usize>) -> Builder {
 
 /// Drives one client's connection task, and starts it again should it ever end (fred
 /// gives up on configuration errors even with an unlimited policy).
-async fn keep_connected<C: ClientLike>(client: C, role: &'static str) {
+pub(crate) async fn keep_connected<C: ClientLike>(client: C, role: &'static str) {
     loop {
         let connection = client.connect();
         // Aborting this task must also stop fred's, which would otherwise retry forever.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use chorus_gate::{ConnectionLimits, Gate, Identity, Scope};
+use chorus_gate::{ConnectionLimits, Gate, Identity, RequestVerdict, Scope};
 use chorus_hub::ClientHandle;
 use serde_json::value::RawValue;
 
@@ -27,12 +27,16 @@ impl std::fmt::Debug for Services {
     }
 }
 
-/// A connected client as handlers see it: its hub handle, who it is, its share of
-/// the limits, and the order of its calls per channel.
+/// Who calls: a connected client (its hub handle, its share of the limits) or the
+/// server API; who it is; and the order of its calls per channel.
 #[derive(Debug)]
 pub struct Caller {
-    pub client: ClientHandle,
-    pub limits: ConnectionLimits,
+    /// The connection; `None` for the server API.
+    client: Option<ClientHandle>,
+    /// The connection's budgets; `None` for the server API, which no budget limits.
+    limits: Option<ConnectionLimits>,
+    /// Most bytes the reply to one message may take.
+    reply_budget: usize,
     /// Replaced by `auth.refresh`.
     identity: RwLock<Identity>,
     /// The identity's `exp` (seconds since the Unix epoch), 0 for never: read by the
@@ -42,14 +46,54 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A connected client: replies are bounded by its send budget.
     pub fn new(client: ClientHandle, identity: Identity, limits: ConnectionLimits) -> Self {
         Self {
-            client,
-            limits,
+            reply_budget: client.budget(),
+            client: Some(client),
+            limits: Some(limits),
             expires_at: AtomicU64::new(identity.expires_at.unwrap_or(0)),
             identity: RwLock::new(identity),
             order: Arc::default(),
         }
+    }
+
+    /// The server API (one per request): no grants, no budgets, replies up to
+    /// `reply_budget` bytes.
+    pub fn api(reply_budget: usize) -> Self {
+        Self {
+            client: None,
+            limits: None,
+            reply_budget,
+            expires_at: AtomicU64::new(0),
+            identity: RwLock::new(Identity::anonymous()),
+            order: Arc::default(),
+        }
+    }
+
+    /// The connection, for a client.
+    pub fn client(&self) -> Option<&ClientHandle> {
+        self.client.as_ref()
+    }
+
+    /// Whether the server API calls (it may do anything a client may, and more).
+    pub fn is_api(&self) -> bool {
+        self.client.is_none()
+    }
+
+    pub(crate) fn limits(&self) -> Option<&ConnectionLimits> {
+        self.limits.as_ref()
+    }
+
+    pub(crate) fn reply_budget(&self) -> usize {
+        self.reply_budget
+    }
+
+    /// Counts one call against the connection's request budget.
+    pub(crate) fn admit_request(&self) -> RequestVerdict {
+        self.limits
+            .as_ref()
+            .map_or(RequestVerdict::Allowed, ConnectionLimits::admit_request)
     }
 
     pub fn identity(&self) -> RwLockReadGuard<'_, Identity> {
@@ -89,8 +133,12 @@ impl Context<'_> {
         self.services.node.as_ref()
     }
 
-    pub fn client(&self) -> &ClientHandle {
-        &self.caller.client
+    /// The calling connection; an error for the server API, which has none (only
+    /// methods registered for clients ask).
+    pub fn client(&self) -> Result<&ClientHandle, RpcError> {
+        self.caller
+            .client()
+            .ok_or_else(|| RpcError::with_detail(ErrorCode::Internal, "not a client method"))
     }
 
     pub(crate) fn detach(self) -> OwnedContext {

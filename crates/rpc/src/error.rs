@@ -160,6 +160,21 @@ impl RpcError {
             .data(serde_json::json!({ "reason": error.reason() }))
     }
 
+    /// `-32004` for presence on a channel whose namespace does not track it.
+    pub fn presence_not_enabled(channel: &str) -> Self {
+        Self::with_detail(ErrorCode::NotFound, "presence not enabled for this channel")
+            .data(serde_json::json!({ "channel": channel, "reason": "presence not enabled" }))
+    }
+
+    /// `-32053` when the presence store cannot answer.
+    pub fn presence_unavailable(why: impl std::fmt::Display) -> Self {
+        Self::with_detail(
+            ErrorCode::Unavailable,
+            format!("presence store unavailable: {why}"),
+        )
+        .data(serde_json::json!({ "reason": "presence unavailable" }))
+    }
+
     /// `-32600` for a batch longer than the limit: nothing in it was executed.
     pub fn batch_too_long(limit: usize) -> Self {
         Self::with_detail(ErrorCode::InvalidRequest, "batch too long")

@@ -24,7 +24,7 @@ pub use context::{
 };
 pub use error::{ErrorCode, RpcError};
 pub use method::{Access, Method};
-pub use node::{Delivery, Node, Subscribed};
+pub use node::{Delivery, Node, NodeFuture, Subscribed, Targets};
 pub use params::{Params, validate_channel};
 pub use request::{Call, Entry, Message, parse, parse_with_limit};
 pub use router::{Handled, LaterMessage, Router};

@@ -29,6 +29,10 @@ pub enum Access<'a> {
     Broadcast {
         bytes: usize,
     },
+    /// Sends `bytes` of serialised data to chosen users, devices or connections.
+    Direct {
+        bytes: usize,
+    },
 }
 
 impl<'a> Access<'a> {
@@ -38,7 +42,7 @@ impl<'a> Access<'a> {
             Self::Subscribe(channel)
             | Self::Unsubscribe(channel)
             | Self::Publish { channel, .. } => Some(channel),
-            Self::None | Self::Read(_) | Self::Broadcast { .. } => None,
+            Self::None | Self::Read(_) | Self::Broadcast { .. } | Self::Direct { .. } => None,
         }
     }
 }

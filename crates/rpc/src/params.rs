@@ -42,6 +42,18 @@ impl<'a> Params<'a> {
     }
 }
 
+impl<'a> Params<'a> {
+    /// Deserialises an object (absent params read as `{}`), refusing unknown fields
+    /// where `T` says so.
+    pub fn named<T: Deserialize<'a>>(self) -> Result<T, RpcError> {
+        let text = self.0.map_or("{}", RawValue::get);
+        if !text.starts_with('{') {
+            return Err(RpcError::invalid_params("params must be an object"));
+        }
+        serde_json::from_str(text).map_err(RpcError::invalid_params)
+    }
+}
+
 /// Channel names: 1 to 255 bytes of `A-Z a-z 0-9 _ - : . @ / =`.
 pub fn validate_channel(channel: &str) -> Result<(), RpcError> {
     let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-:.@/=".contains(&b);

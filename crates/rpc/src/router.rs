@@ -109,7 +109,7 @@ impl Router {
     pub fn handle(&self, text: &str, cx: &Context<'_>) -> Handled {
         let max_batch = cx.services.gate.limits().max_batch;
         let observer = &cx.services.observer;
-        let mut budget = ReplyBudget::new(cx.client().budget());
+        let mut budget = ReplyBudget::new(cx.caller.reply_budget());
         match parse_with_limit(text, max_batch) {
             Message::Single(entry) => match self.entry(entry, cx, &mut budget) {
                 Err(Flooding) => Handled::Flooding,
@@ -144,7 +144,7 @@ impl Router {
             Entry::Invalid { id, .. } => *id,
         };
         let owes_reply = id.is_some() || matches!(entry, Entry::Invalid { .. });
-        match cx.caller.limits.admit_request() {
+        match cx.caller.admit_request() {
             RequestVerdict::Allowed => {}
             RequestVerdict::Flooding => return Err(Flooding),
             RequestVerdict::Refused(refusal) => {
@@ -209,7 +209,7 @@ impl Router {
             Ok(Reply::Later(later)) => {
                 let id: Option<Box<RawValue>> = call.id.map(RawValue::to_owned);
                 let observer = Arc::clone(&cx.services.observer);
-                let limit = cx.client().budget();
+                let limit = cx.caller.reply_budget();
                 return Piece::Later(Box::pin(async move {
                     let result = later.await;
                     observer.record(CallRecord {
@@ -346,7 +346,7 @@ fn cut_text(response: &str, limit: usize) -> String {
 
 /// The answer to a message that is not a batch of calls (unreadable, empty, too long).
 fn rejected(error: &RpcError, cx: &Context<'_>) -> Handled {
-    if let RequestVerdict::Flooding = cx.caller.limits.admit_request() {
+    if let RequestVerdict::Flooding = cx.caller.admit_request() {
         return Handled::Flooding;
     }
     record(

@@ -10,6 +10,10 @@ use chorus_gate::{AuthConfig, Gate, GateConfig, IpLimits, IpSlot, Jwks, JwtConfi
 use chorus_hub::{CloseReason, Hub};
 use chorus_pubsub::local::LocalBus;
 use chorus_pubsub::nats::NatsBackbone;
+use chorus_pubsub::now_ms;
+use chorus_pubsub::presence::PresenceStore;
+use chorus_pubsub::presence::memory::MemoryPresence;
+use chorus_pubsub::presence::nats::NatsPresence;
 use chorus_pubsub::redis::RedisBackbone;
 use chorus_rpc::{Router, Services, notification};
 use hyper::server::conn::http1;
@@ -22,8 +26,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{Backbone, Config};
 use crate::http_client::{HttpClient, JwksSource};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::node::{ClusterNode, Topics};
+use crate::node::{ClusterNode, NodeParts, Topics};
+use crate::presence::{Presence, PresenceSettings};
+use crate::webhook::Webhook;
 
 /// Per-connection read buffer, allocated up front for every socket, idle or not: it
 /// is the largest per-connection allocation, and 2 KiB holds a burst of typical
@@ -34,7 +41,8 @@ const READ_BUFFER: usize = 2 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// How often limiter state of client addresses that went quiet is dropped.
 const FORGET_IDLE_EVERY: Duration = Duration::from_secs(1);
-/// Longest wait at shutdown for the backbone to take the last publications.
+/// Longest wait at shutdown, after the drain, for presence, the backbone and the
+/// webhook to take what is left.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
@@ -63,6 +71,8 @@ pub struct App {
     /// What handlers use: the node, the gate, the metrics.
     pub services: Arc<Services>,
     pub router: Router,
+    /// The server API's methods (`POST /api`).
+    pub api_router: Router,
     pub metrics: Arc<Metrics>,
     pub ip_limits: Arc<IpLimits>,
     pub ws_config: WebSocketConfig,
@@ -179,7 +189,17 @@ impl RunningServer {
     /// stops accepting.
     pub async fn shutdown(self) {
         self.app.drain().await;
-        self.app.node.flush_backbone(FINAL_FLUSH).await;
+        // One budget for everything that must leave before the process does: the
+        // disconnections' presence writes and this replica's retirement, the last
+        // publications and lifecycle events on the backbone, the webhook's queue.
+        let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let node = &self.app.node;
+        node.presence().retire(left()).await;
+        node.flush_backbone(left()).await;
+        if let Some(webhook) = node.presence().lifecycle().webhook() {
+            webhook.flush(left()).await;
+        }
         self.accept.abort();
     }
 }
@@ -196,11 +216,18 @@ pub async fn start_with_bus(
     bus: Option<LocalBus>,
 ) -> Result<RunningServer, StartError> {
     let router = Router::with_builtin_methods();
+    let api_router = Router::for_api();
+    let method_names: Vec<&'static str> = router
+        .method_names()
+        .into_iter()
+        .chain(api_router.method_names())
+        .collect();
     let metrics = Arc::new(Metrics::new(
         config.cluster.backbone.adapter(),
-        &router.method_names(),
+        &method_names,
     )?);
     let hub = Arc::new(Hub::new(config.transport.send_buffer, metrics.clone()));
+    let store = presence_store(&config, bus.as_ref()).await?;
     let backbone = connect_backbone(&config, bus).await?;
     if let Some((backbone, _)) = &backbone {
         tracing::info!(
@@ -213,14 +240,36 @@ pub async fn start_with_bus(
             "no cluster backbone (WS_PUBSUB_ENABLED unset or false, or the adapter's URL empty): running standalone"
         );
     }
-    let node = ClusterNode::start(
-        config.cluster.node_id.clone(),
+    let http = HttpClient::new().map_err(StartError::HttpClient)?;
+    let webhook = config
+        .users
+        .webhook
+        .as_ref()
+        .map(|settings| Webhook::start(settings, http.clone(), metrics.webhook.clone()));
+    let lifecycle = Arc::new(Lifecycle::new(
+        &config.cluster.pubsub_channel,
+        backbone.as_ref().map(|(backbone, _)| Arc::clone(backbone)),
+        webhook,
+        metrics.lifecycle_events.clone(),
+    ));
+    let settings = PresenceSettings {
+        node_id: config.cluster.node_id.clone(),
+        started_at_ms: now_ms(),
+        ttl: config.users.presence_ttl,
+        device_replace: config.users.device_replace,
+    };
+    let presence_errors = metrics.presence_errors.clone();
+    let node = ClusterNode::start(NodeParts {
+        node_id: config.cluster.node_id.clone(),
         hub,
         backbone,
-        Topics::new(&config.cluster.pubsub_channel),
-        metrics.pubsub.clone(),
-    );
-    let http = HttpClient::new().map_err(StartError::HttpClient)?;
+        topics: Topics::new(&config.cluster.pubsub_channel),
+        metrics: metrics.pubsub.clone(),
+        namespaces: config.gate.namespaces.clone(),
+        presence: Box::new(move |effects| {
+            Presence::start(store, settings, lifecycle, presence_errors, effects)
+        }),
+    });
     let gate = Arc::new(Gate::new(gate_config(&config, &http)));
     let ip_limits = IpLimits::new(gate.limits());
     let services = Arc::new(Services {
@@ -250,6 +299,7 @@ pub async fn start_with_bus(
         node,
         services,
         router,
+        api_router,
         metrics,
         ip_limits,
         ws_config,
@@ -312,6 +362,30 @@ fn gate_config(config: &Config, http: &HttpClient) -> GateConfig {
         channels_require_grant: settings.channels_require_grant,
         max_connections_per_user: settings.max_connections_per_user,
     }
+}
+
+/// The presence store that goes with the configured backbone.
+async fn presence_store(
+    config: &Config,
+    bus: Option<&LocalBus>,
+) -> Result<Arc<dyn PresenceStore>, StartError> {
+    let prefix = &config.cluster.pubsub_channel;
+    let failed = |err: chorus_pubsub::presence::PresenceError| StartError::Backbone {
+        adapter: config.cluster.backbone.adapter(),
+        reason: err.to_string(),
+    };
+    Ok(match &config.cluster.backbone {
+        Backbone::Standalone => Arc::new(MemoryPresence::new()),
+        Backbone::Local => Arc::new(bus.map_or_else(MemoryPresence::new, LocalBus::presence)),
+        Backbone::Redis { url } => Arc::new(
+            chorus_pubsub::presence::redis::connect(url, prefix)
+                .await
+                .map_err(failed)?,
+        ),
+        Backbone::Nats { url } => {
+            Arc::new(NatsPresence::connect(url, prefix).await.map_err(failed)?)
+        }
+    })
 }
 
 type BackboneParts = (

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use chorus_gate::Identity;
 use chorus_hub::{CloseReason, Outgoing};
 use futures_util::{Sink, Stream, StreamExt};
 use hyper::upgrade::Upgraded;
@@ -28,6 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::app::{App, ConnectionSlot};
+use crate::lifecycle::Reason;
 use crate::session::{Session, SessionEnd};
 
 pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
@@ -89,17 +89,8 @@ struct Connection {
     expiry: Cell<(u64, Instant)>,
 }
 
-pub async fn run(
-    ws: WsStream,
-    app: Arc<App>,
-    mode: Mode,
-    identity: Identity,
-    slot: ConnectionSlot,
-) {
-    let session = match mode {
-        Mode::Rpc => Some(Session::open(Arc::clone(&app), identity)),
-        Mode::Echo => None,
-    };
+/// Serves one upgraded socket: JSON-RPC for `session`, echo without one.
+pub async fn run(ws: WsStream, app: Arc<App>, session: Option<Session>, slot: ConnectionSlot) {
     let now = Instant::now();
     let mut connection = Connection {
         ws,
@@ -123,7 +114,7 @@ pub async fn run(
         ..
     } = connection;
     if let Some(session) = session {
-        session.close();
+        session.close(reason_for(&ending));
     }
     if let Ending::Close(code, reason) = ending {
         let patience = if stalled_since.is_some() {
@@ -333,7 +324,7 @@ impl Connection {
         }
         if now >= self.next_ping {
             if now.duration_since(self.last_heard) > transport.pong_timeout {
-                return Err(Ending::Close(CloseCode::Policy, "keepalive timeout"));
+                return Err(Ending::Close(CloseCode::Policy, KEEPALIVE_TIMEOUT));
             }
             self.ping_due = true;
             self.next_ping = now + transport.ping_interval;
@@ -342,10 +333,26 @@ impl Connection {
     }
 }
 
+/// Said when the keepalive gives up on a client.
+const KEEPALIVE_TIMEOUT: &str = "keepalive timeout";
+
 fn close_for(reason: CloseReason) -> Ending {
     match reason {
         CloseReason::SlowConsumer => Ending::Close(CloseCode::Again, "slow consumer"),
         CloseReason::Shutdown => Ending::Close(CloseCode::Away, "server shutting down"),
+        CloseReason::Kicked => Ending::Close(CloseCode::Library(4003), "kicked"),
+        CloseReason::Replaced => Ending::Close(CloseCode::Library(4002), "replaced"),
+    }
+}
+
+/// Why the connection ended, as lifecycle events say it.
+fn reason_for(ending: &Ending) -> Reason {
+    match ending {
+        Ending::Close(CloseCode::Library(4003), _) => Reason::Kicked,
+        Ending::Close(CloseCode::Library(4002), _) => Reason::Replaced,
+        Ending::Close(CloseCode::Away, _) => Reason::NodeShutdown,
+        Ending::Close(CloseCode::Policy, KEEPALIVE_TIMEOUT) => Reason::KeepaliveTimeout,
+        Ending::Close(..) | Ending::Gone => Reason::Disconnected,
     }
 }
 

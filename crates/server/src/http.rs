@@ -18,8 +18,14 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::app::App;
 use crate::connection::{self, Mode};
+use crate::lifecycle::Reason;
+use crate::session::Session;
 
-type Body = Full<Bytes>;
+/// Longest wait, before the upgrade is answered, for the cluster to learn of a new
+/// connection.
+const CLUSTER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+pub(crate) type Body = Full<Bytes>;
 
 pub async fn route(
     app: Arc<App>,
@@ -32,6 +38,8 @@ pub async fn route(
         upgrade(app, peer, request, Mode::Rpc).await
     } else if transport.echo_path.as_deref() == Some(path) {
         upgrade(app, peer, request, Mode::Echo).await
+    } else if path == "/api" && app.config.users.api_key.is_some() {
+        crate::api::handle(app, request).await
     } else {
         match (request.method(), path) {
             (&Method::GET | &Method::HEAD, "/health") => health(&app),
@@ -56,7 +64,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     response
 }
 
-fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -70,7 +78,12 @@ fn health(app: &App) -> Response<Body> {
     let backbone = app.node.backbone_connected();
     let connected = backbone.unwrap_or(true);
     let twin = app.node.twin_node_id_seen();
-    let status = if connected && !twin { "ok" } else { "degraded" };
+    let presence_problem = app.node.presence().store().problem();
+    let status = if connected && !twin && presence_problem.is_none() {
+        "ok"
+    } else {
+        "degraded"
+    };
     json(
         StatusCode::OK,
         &serde_json::json!({
@@ -79,6 +92,7 @@ fn health(app: &App) -> Response<Body> {
             "node_id_conflict": twin,
             "connections": app.connections(),
             "pubsub": {"adapter": app.config.cluster.backbone.adapter(), "enabled": backbone.is_some(), "connected": connected},
+            "presence": {"store": app.node.presence().store().name(), "problem": presence_problem},
             "uptime_s": app.started.elapsed().as_secs(),
         }),
     )
@@ -236,6 +250,20 @@ async fn upgrade(
     let Some(slot) = app.reserve_connection(ip_slot, user_slot) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
+    let session = match mode {
+        Mode::Rpc => {
+            let (session, known) = Session::open(Arc::clone(&app), identity, client_ip.to_string());
+            // Answered once the cluster can reach the client (its user's topic held,
+            // its presence recorded), so a `send` right after the open reaches it.
+            if tokio::time::timeout(CLUSTER_WAIT, known).await.is_err() {
+                tracing::debug!(
+                    "the cluster did not confirm a new connection in time; serving it anyway"
+                );
+            }
+            Some(session)
+        }
+        Mode::Echo => None,
+    };
 
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
@@ -247,9 +275,14 @@ async fn upgrade(
                     Some(app.ws_config),
                 )
                 .await;
-                connection::run(ws, app, mode, identity, slot).await;
+                connection::run(ws, app, session, slot).await;
             }
-            Err(err) => tracing::debug!(%err, "upgrade failed"),
+            Err(err) => {
+                tracing::debug!(%err, "upgrade failed");
+                if let Some(session) = session {
+                    session.close(Reason::Disconnected);
+                }
+            }
         }
     });
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 /// A pooled client, cheap to clone.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -45,7 +45,7 @@ impl HttpClient {
     ) -> Result<Vec<u8>, String> {
         let request = Request::get(uri.clone())
             .header(hyper::header::ACCEPT, "application/json")
-            .body(Empty::new())
+            .body(Full::default())
             .map_err(|error| error.to_string())?;
         let exchange = async {
             let response = self
@@ -61,6 +61,41 @@ impl HttpClient {
                 .await
                 .map_err(|error| format!("body: {error}"))?;
             Ok(body.to_bytes().to_vec())
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
+}
+
+impl HttpClient {
+    /// `POST uri` with a JSON `body` and extra `headers`: the answer's status, within
+    /// `timeout` (the answer's body is read and dropped, so the connection is reused).
+    pub async fn post_json(
+        &self,
+        uri: &Uri,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<StatusCode, String> {
+        let mut request =
+            Request::post(uri.clone()).header(hyper::header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|error| error.to_string())?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|error| format!("request failed: {error}"))?;
+            let status = response.status();
+            // A body we do not need, bounded so that a huge answer costs nothing.
+            let _ = Limited::new(response.into_body(), 64 << 10).collect().await;
+            Ok(status)
         };
         tokio::time::timeout(timeout, exchange)
             .await

@@ -2,16 +2,20 @@
 //! node and graceful shutdown. `main.rs` is a thin wrapper; tests start servers
 //! in-process through [`start`].
 
+pub mod api;
 pub mod app;
 pub mod config;
 mod connection;
 mod http;
 mod http_client;
+pub mod lifecycle;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 mod session;
+pub mod webhook;
 
 pub use app::{RunningServer, StartError, start, start_with_bus};
 pub use config::{Config, ConfigError};

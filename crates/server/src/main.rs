@@ -45,6 +45,15 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Listening for the signals before the port is bound: a SIGTERM that comes
+        // right after the first connection must drain, not kill.
+        let signals = match ShutdownSignals::new() {
+            Ok(signals) => signals,
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for shutdown signals");
+                return ExitCode::FAILURE;
+            }
+        };
         let server = match start(config).await {
             Ok(server) => server,
             Err(err) => {
@@ -53,23 +62,32 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        if let Err(err) = shutdown_signal().await {
-            tracing::error!(%err, "cannot listen for shutdown signals");
-            return ExitCode::FAILURE;
-        }
+        signals.received().await;
         server.shutdown().await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
 }
 
-async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, listened for from creation on.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+    }
 }

@@ -81,6 +81,11 @@ pub struct Metrics {
     /// By reason, in the order of [`chorus_gate::AuthError::REASONS`].
     auth_failures: Vec<IntCounter>,
     pub pubsub: PubsubMetrics,
+    /// Presence writes and reads that failed (store unreachable, refused).
+    pub presence_errors: IntCounter,
+    /// Lifecycle events by event, in the order of [`crate::lifecycle::Event::ALL`].
+    pub lifecycle_events: Vec<IntCounter>,
+    pub webhook: crate::webhook::WebhookMetrics,
     /// Sorted by method name: found by binary search, without hashing every call's name.
     methods: Vec<(&'static str, MethodSeries)>,
 }
@@ -235,6 +240,51 @@ impl Metrics {
             "ws_node_id_conflicts_total",
             "Envelopes from another replica carrying this replica's WS_NODE_ID",
         )?;
+        let presence_errors = counter(
+            "ws_presence_errors_total",
+            "Presence store calls that failed (unreachable, timed out, refused): writes are \
+             recorded again once the store answers",
+        )?;
+        let lifecycle_vec = IntCounterVec::new(
+            Opts::new(
+                "ws_lifecycle_events_total",
+                "Lifecycle events reported by this replica (user_online, user_offline, \
+                 device_online, device_offline)",
+            ),
+            &["event"],
+        )?;
+        registry.register(Box::new(lifecycle_vec.clone()))?;
+        let lifecycle_events = crate::lifecycle::Event::ALL
+            .iter()
+            .map(|event| lifecycle_vec.with_label_values(&[event.name()]))
+            .collect();
+        let webhook_dropped = IntCounterVec::new(
+            Opts::new(
+                "ws_webhook_dropped_total",
+                "Lifecycle events the webhook gave up: queue_full (WS_WEBHOOK_QUEUE) or \
+                 refused (the receiver answered a 4xx other than 408/429)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(webhook_dropped.clone()))?;
+        let webhook_queued = IntGauge::new(
+            "ws_webhook_queue",
+            "Lifecycle events waiting to be POSTed to the webhook",
+        )?;
+        registry.register(Box::new(webhook_queued.clone()))?;
+        let webhook = crate::webhook::WebhookMetrics {
+            sent: counter(
+                "ws_webhook_sent_total",
+                "Lifecycle events the webhook receiver accepted (2xx)",
+            )?,
+            retries: counter(
+                "ws_webhook_retries_total",
+                "Webhook tries that failed and were retried with backoff",
+            )?,
+            dropped_full: webhook_dropped.with_label_values(&["queue_full"]),
+            dropped_refused: webhook_dropped.with_label_values(&["refused"]),
+            queued: webhook_queued,
+        };
 
         Ok(Self {
             registry,
@@ -259,6 +309,9 @@ impl Metrics {
                     dropped_vec.with_label_values(&[adapter, "received"]),
                 ],
             },
+            presence_errors,
+            lifecycle_events,
+            webhook,
             methods: method_series,
         })
     }
@@ -350,6 +403,14 @@ mod tests {
             "ws_replies_cut_total",
             "ws_flood_closes_total",
             "ws_node_id_conflicts_total",
+            "ws_presence_errors_total",
+            "ws_lifecycle_events_total{event=\"user_online\"}",
+            "ws_lifecycle_events_total{event=\"device_offline\"}",
+            "ws_webhook_sent_total",
+            "ws_webhook_retries_total",
+            "ws_webhook_dropped_total{reason=\"queue_full\"}",
+            "ws_webhook_dropped_total{reason=\"refused\"}",
+            "ws_webhook_queue",
             "process_resident_memory_bytes",
             "process_open_fds",
             "process_cpu_seconds_total",

@@ -1,6 +1,7 @@
 //! This replica as handlers see it: local delivery through the hub, and the backbone
-//! for every other replica (envelopes out, envelopes in, channel interest and its
-//! confirmation, heartbeats that reveal a twin node id).
+//! for every other replica (envelopes out, envelopes in, interest in channel, user
+//! and device topics and its confirmation, heartbeats that reveal a twin node id),
+//! and presence (members, users, lifecycle) through [`Presence`].
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -9,14 +10,19 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chorus_hub::{ClientHandle, Frame, Hub};
+use chorus_gate::{Namespaces, Pattern};
+use chorus_hub::{ClientHandle, ClientId, CloseReason, Frame, Hub};
+use chorus_pubsub::presence::{Connection, Member, PresenceError, node_of_client};
 use chorus_pubsub::{Backbone, Envelope, Kind, MessageIds, RecentIds, now_ms};
-use chorus_rpc::{Delivery, Node, Subscribed};
+use chorus_rpc::{Delivery, Node, NodeFuture, RpcError, Subscribed, Targets, notification};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::lifecycle::{Reason, rfc3339};
 use crate::metrics::{BackboneSnapshot, PubsubMetrics};
+use crate::presence::{Effects, Presence, timed};
 
 /// How many recent envelope ids each replica remembers to drop duplicates.
 const RECENT_IDS: usize = 65_536;
@@ -29,11 +35,15 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long `/health` stays degraded after a twin node id was last seen.
 const TWIN_MEMORY: Duration = Duration::from_secs(60);
+/// Most bytes of targets one direct envelope carries (its header holds at most 64 KiB).
+const MAX_TARGETS_BYTES: usize = 60 * 1024;
 const SHARDS: usize = 32;
 
-/// Topic names for one cluster: the broadcast topic is the prefix itself, and a
-/// channel's topic is `prefix/channel`. The prefix cannot contain `/`, so no channel
-/// topic of one cluster can equal a topic of a cluster with another prefix.
+/// Topic names for one cluster. The broadcast topic is the prefix itself; a channel's
+/// topic is `prefix/channel`; a user's `prefix#u/user`, a device's `prefix#d/device`,
+/// a replica's `prefix#n/node_id`; lifecycle events go to `prefix.events`. The prefix
+/// holds neither `/` nor `#`, and channel names hold no `#`, so no two of these can be
+/// equal, within a cluster or across clusters with other prefixes.
 #[derive(Clone, Debug)]
 pub struct Topics {
     prefix: String,
@@ -46,6 +56,10 @@ impl Topics {
         }
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn broadcast(&self) -> &str {
         &self.prefix
     }
@@ -53,29 +67,67 @@ impl Topics {
     pub fn channel(&self, channel: &str) -> String {
         format!("{}/{channel}", self.prefix)
     }
+
+    pub fn user(&self, user: &str) -> String {
+        format!("{}#u/{user}", self.prefix)
+    }
+
+    pub fn device(&self, device: &str) -> String {
+        format!("{}#d/{device}", self.prefix)
+    }
+
+    pub fn node(&self, node_id: &str) -> String {
+        format!("{}#n/{node_id}", self.prefix)
+    }
+
+    fn of(&self, interest: &Interest) -> String {
+        match interest {
+            Interest::Channel(channel) => self.channel(channel),
+            Interest::User(user) => self.user(user),
+            Interest::Device(device) => self.device(device),
+        }
+    }
 }
 
-/// Channels whose local interest changed and must be reconciled with the backbone.
-/// A set, not a queue: bounded by the number of channels, and repeated changes to one
-/// channel collapse into one check.
+/// A topic this replica wants while it has a local client for it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Interest {
+    Channel(Arc<str>),
+    User(Arc<str>),
+    Device(Arc<str>),
+}
+
+impl Interest {
+    fn wanted(&self, hub: &Hub) -> bool {
+        match self {
+            Self::Channel(channel) => hub.has_subscribers(channel),
+            Self::User(user) => hub.has_user(user),
+            Self::Device(device) => hub.has_device(device),
+        }
+    }
+}
+
+/// Interests that changed locally and must be reconciled with the backbone. A set,
+/// not a queue: bounded by the number of topics, and repeated changes to one topic
+/// collapse into one check.
 #[derive(Default)]
 struct InterestChanges {
-    channels: Mutex<HashSet<Arc<str>>>,
+    changed: Mutex<HashSet<Interest>>,
     wake: Notify,
 }
 
 impl InterestChanges {
-    fn mark(&self, channel: &str) {
-        lock(&self.channels).insert(Arc::from(channel));
+    fn mark(&self, interest: Interest) {
+        lock(&self.changed).insert(interest);
         self.wake.notify_one();
     }
 
-    fn take(&self) -> Vec<Arc<str>> {
-        lock(&self.channels).drain().collect()
+    fn take(&self) -> Vec<Interest> {
+        lock(&self.changed).drain().collect()
     }
 }
 
-/// Whether the backbone confirmed a channel, and who waits for it to.
+/// Whether the backbone confirmed a topic, and who waits for it to.
 #[derive(Default)]
 struct Confirmation {
     /// The backbone connection ([`Backbone::generation`]) that confirmed it.
@@ -83,9 +135,9 @@ struct Confirmation {
     waiters: Vec<oneshot::Sender<bool>>,
 }
 
-type ConfirmationShard = Mutex<HashMap<Arc<str>, Confirmation>>;
+type ConfirmationShard = Mutex<HashMap<Interest, Confirmation>>;
 
-/// Per-channel confirmations, sharded like the hub's channel index.
+/// Per-topic confirmations, sharded like the hub's channel index.
 struct Confirmations {
     shards: Box<[ConfirmationShard]>,
     hasher: RandomState,
@@ -99,16 +151,16 @@ impl Confirmations {
         }
     }
 
-    fn shard(&self, channel: &str) -> MutexGuard<'_, HashMap<Arc<str>, Confirmation>> {
+    fn shard(&self, interest: &Interest) -> MutexGuard<'_, HashMap<Interest, Confirmation>> {
         #[allow(clippy::cast_possible_truncation)]
-        let index = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        let index = (self.hasher.hash_one(interest) as usize) % SHARDS;
         lock(&self.shards[index])
     }
 
-    /// Records the backbone's answer for `channel` and passes it to every waiter.
-    fn settle(&self, channel: &str, generation: u64, held: bool) {
-        let mut shard = self.shard(channel);
-        if let Some(confirmation) = shard.get_mut(channel) {
+    /// Records the backbone's answer for `interest` and passes it to every waiter.
+    fn settle(&self, interest: &Interest, generation: u64, held: bool) {
+        let mut shard = self.shard(interest);
+        if let Some(confirmation) = shard.get_mut(interest) {
             if held {
                 confirmation.generation = Some(generation);
             }
@@ -118,14 +170,14 @@ impl Confirmations {
         }
     }
 
-    fn needs_answer(&self, channel: &str, generation: u64) -> bool {
-        self.shard(channel)
-            .get(channel)
+    fn needs_answer(&self, interest: &Interest, generation: u64) -> bool {
+        self.shard(interest)
+            .get(interest)
             .is_some_and(|c| !c.waiters.is_empty() || c.generation != Some(generation))
     }
 
-    fn forget(&self, channel: &str) {
-        if let Some(confirmation) = self.shard(channel).remove(channel) {
+    fn forget(&self, interest: &Interest) {
+        if let Some(confirmation) = self.shard(interest).remove(interest) {
             for waiter in confirmation.waiters {
                 let _ = waiter.send(false);
             }
@@ -133,8 +185,60 @@ impl Confirmations {
     }
 }
 
-/// The replica: hub plus (optionally) a backbone.
+/// Who a direct envelope is for, as its target field carries it.
+#[derive(Default, Serialize, Deserialize)]
+struct DirectTargets {
+    #[serde(default, rename = "u", skip_serializing_if = "Vec::is_empty")]
+    users: Vec<String>,
+    #[serde(default, rename = "d", skip_serializing_if = "Vec::is_empty")]
+    devices: Vec<String>,
+    #[serde(default, rename = "c", skip_serializing_if = "Vec::is_empty")]
+    clients: Vec<String>,
+}
+
+/// What a direct envelope asks of the connections it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirectAction {
+    Deliver,
+    Kick,
+    Replace,
+}
+
+impl DirectAction {
+    fn kind(self) -> Kind {
+        match self {
+            Self::Deliver => Kind::Direct,
+            Self::Kick => Kind::Kick,
+            Self::Replace => Kind::Replace,
+        }
+    }
+
+    fn close(self) -> Option<CloseReason> {
+        match self {
+            Self::Deliver => None,
+            Self::Kick => Some(CloseReason::Kicked),
+            Self::Replace => Some(CloseReason::Replaced),
+        }
+    }
+}
+
+/// What [`ClusterNode::start`] is given.
+pub struct NodeParts {
+    pub node_id: String,
+    pub hub: Arc<Hub>,
+    /// The backbone and the receiving end of the channel it delivers into.
+    pub backbone: Option<(Arc<dyn Backbone>, mpsc::Receiver<Bytes>)>,
+    pub topics: Topics,
+    pub metrics: PubsubMetrics,
+    pub namespaces: Namespaces,
+    /// Starts presence for the node (given as the effects presence needs).
+    pub presence: Box<dyn FnOnce(Weak<dyn Effects>) -> Arc<Presence> + Send>,
+}
+
+/// The replica: hub, presence, and (optionally) a backbone.
 pub struct ClusterNode {
+    /// Itself, for futures that act later.
+    me: Weak<ClusterNode>,
     node_id: String,
     hub: Arc<Hub>,
     backbone: Option<Arc<dyn Backbone>>,
@@ -142,6 +246,10 @@ pub struct ClusterNode {
     ids: MessageIds,
     interest: Arc<InterestChanges>,
     confirmations: Confirmations,
+    namespaces: Namespaces,
+    presence: Arc<Presence>,
+    /// Each local client as a channel member (who it is, its token's `info`).
+    members: Mutex<HashMap<ClientId, Member>>,
     /// Milliseconds since `started` when an envelope from another process with this
     /// node id was last seen, plus one; 0 for never.
     twin_seen_ms: AtomicU64,
@@ -158,33 +266,47 @@ impl std::fmt::Debug for ClusterNode {
 }
 
 impl ClusterNode {
-    /// Builds the node and, with a backbone, starts its receive, interest and
-    /// heartbeat tasks. `incoming` is the receiving end of the channel the backbone
-    /// delivers into.
-    pub fn start(
-        node_id: String,
-        hub: Arc<Hub>,
-        backbone: Option<(Arc<dyn Backbone>, mpsc::Receiver<Bytes>)>,
-        topics: Topics,
-        metrics: PubsubMetrics,
-    ) -> Arc<Self> {
-        let (backbone, incoming) = backbone.map_or((None, None), |(b, rx)| (Some(b), Some(rx)));
-        let node = Arc::new(Self {
+    /// Builds the node and starts presence and, with a backbone, its receive, interest
+    /// and heartbeat tasks.
+    pub fn start(parts: NodeParts) -> Arc<Self> {
+        let NodeParts {
             node_id,
             hub,
             backbone,
             topics,
-            ids: MessageIds::new(),
-            interest: Arc::default(),
-            confirmations: Confirmations::new(),
-            twin_seen_ms: AtomicU64::new(0),
-            started: Instant::now(),
             metrics,
+            namespaces,
+            presence,
+        } = parts;
+        let (backbone, incoming) = backbone.map_or((None, None), |(b, rx)| (Some(b), Some(rx)));
+        let node = Arc::new_cyclic(|me: &Weak<Self>| {
+            let effects: Weak<dyn Effects> = me.clone();
+            Self {
+                me: me.clone(),
+                node_id,
+                hub,
+                backbone,
+                topics,
+                ids: MessageIds::new(),
+                interest: Arc::default(),
+                confirmations: Confirmations::new(),
+                namespaces,
+                presence: presence(effects),
+                members: Mutex::default(),
+                twin_seen_ms: AtomicU64::new(0),
+                started: Instant::now(),
+                metrics,
+            }
         });
         if let (Some(backbone), Some(incoming)) = (&node.backbone, incoming) {
-            if let Err(err) = backbone.subscribe(node.topics.broadcast()) {
-                tracing::error!(%err, "could not subscribe to the broadcast topic");
-                node.metrics.errors.inc();
+            for topic in [
+                node.topics.broadcast().to_owned(),
+                node.topics.node(&node.node_id),
+            ] {
+                if let Err(err) = backbone.subscribe(&topic) {
+                    tracing::error!(%err, topic, "could not subscribe on the backbone");
+                    node.metrics.errors.inc();
+                }
             }
             tokio::spawn(receive(Arc::clone(&node), incoming));
             tokio::spawn(reconcile_interest(
@@ -203,6 +325,15 @@ impl ClusterNode {
 
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
+    /// The cluster-unique id of a local client: `"<node_id>/<n>"`.
+    pub fn client_id(&self, client: ClientId) -> String {
+        format!("{}/{client}", self.node_id)
     }
 
     /// `Some(connected)` when a backbone is configured, `None` when standalone.
@@ -235,12 +366,61 @@ impl ClusterNode {
         )
     }
 
-    /// Removes a disconnected client and drops interest in channels it was the last
-    /// local subscriber of.
-    pub fn disconnect(&self, client: &ClientHandle) {
-        for channel in self.hub.remove(client) {
-            self.interest.mark(&channel);
+    /// Makes a registered client known to the cluster: its user's and device's topics
+    /// and its presence record. Resolves once the backbone holds those topics and the
+    /// store has the record (each wait bounded), so that a `send` made anywhere after
+    /// that reaches it.
+    pub fn connect(
+        &self,
+        client: &ClientHandle,
+        connection: Connection,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        lock(&self.members).insert(client.id(), connection.member());
+        let identity = client.identity();
+        let mut waits: Vec<std::pin::Pin<Box<dyn Future<Output = bool> + Send>>> = Vec::new();
+        for interest in [
+            identity.user.clone().map(Interest::User),
+            identity.device.clone().map(Interest::Device),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Subscribed::Pending(wait) = self.hold(interest) {
+                waits.push(wait);
+            }
         }
+        let recorded = self.presence.connect(connection);
+        async move {
+            let _ = recorded.await;
+            futures_util::future::join_all(waits).await;
+        }
+    }
+
+    /// Removes a disconnected client: from the hub, from the cluster's interest, from
+    /// presence, and from its channels (`sys.leave` where the namespace asks).
+    pub fn disconnect(&self, client: &ClientHandle, reason: Reason) {
+        let channels = client.subscriptions();
+        let member = lock(&self.members).remove(&client.id());
+        for channel in self.hub.remove(client) {
+            self.interest.mark(Interest::Channel(channel));
+        }
+        let identity = client.identity();
+        if let Some(user) = &identity.user {
+            self.interest.mark(Interest::User(Arc::clone(user)));
+        }
+        if let Some(device) = &identity.device {
+            self.interest.mark(Interest::Device(Arc::clone(device)));
+        }
+        for channel in &channels {
+            self.presence.count_changed(channel);
+            if let Some(member) = &member
+                && self.namespaces.of(channel).join_leave
+            {
+                self.publish(channel, join_leave("sys.leave", channel, member));
+            }
+        }
+        self.presence
+            .disconnect(self.client_id(client.id()), reason);
     }
 
     /// Waits, at most `timeout`, until every publication accepted so far has left for
@@ -262,7 +442,48 @@ impl ClusterNode {
         millis(self.started.elapsed())
     }
 
-    fn send_to_cluster(&self, kind: Kind, target: &str, topic: &str, payload: Bytes) -> Delivery {
+    /// Makes sure the backbone holds `interest`'s topic: at once when it already
+    /// does, else a future that says when it does.
+    fn hold(&self, interest: Interest) -> Subscribed {
+        let Some(backbone) = &self.backbone else {
+            return Subscribed::Cluster;
+        };
+        if !backbone.is_connected() {
+            // Taken as soon as the backbone is back.
+            self.interest.mark(interest);
+            return Subscribed::LocalOnly;
+        }
+        let generation = backbone.generation();
+        let (waiter, answer) = oneshot::channel();
+        {
+            let mut shard = self.confirmations.shard(&interest);
+            let confirmation = shard.entry(interest.clone()).or_default();
+            if confirmation.generation == Some(generation) {
+                return Subscribed::Cluster;
+            }
+            confirmation.waiters.push(waiter);
+            if confirmation.waiters.len() > 1 {
+                // The backbone is being asked already; its answer serves everyone.
+                return Subscribed::Pending(pending(answer));
+            }
+        }
+        self.interest.mark(interest);
+        Subscribed::Pending(pending(answer))
+    }
+
+    fn envelope(&self, kind: Kind, target: String, payload: Bytes) -> Envelope {
+        Envelope {
+            id: self.ids.next_id(),
+            origin: self.node_id.clone(),
+            origin_ts_ms: now_ms(),
+            kind,
+            target,
+            payload,
+        }
+    }
+
+    /// Publishes one envelope on every topic in `topics` (receivers drop the copies).
+    fn send_to_cluster(&self, envelope: &Envelope, topics: &[String]) -> Delivery {
         let Some(backbone) = &self.backbone else {
             return Delivery::Cluster;
         };
@@ -270,35 +491,148 @@ impl ClusterNode {
             self.metrics.errors.inc();
             return Delivery::LocalOnly;
         }
-        let envelope = Envelope {
-            id: self.ids.next_id(),
-            origin: self.node_id.clone(),
-            origin_ts_ms: now_ms(),
-            kind,
-            target: target.to_owned(),
-            payload,
-        };
-        let published = envelope
-            .encode()
-            .map_err(|err| err.to_string())
-            .and_then(|bytes| {
-                backbone
-                    .publish(topic, bytes)
-                    .map_err(|err| err.to_string())
-            });
-        match published {
-            Ok(()) => {
-                if kind != Kind::Heartbeat {
-                    self.metrics.published.inc();
-                }
-                Delivery::Cluster
-            }
+        let bytes = match envelope.encode() {
+            Ok(bytes) => bytes,
             Err(err) => {
                 self.metrics.errors.inc();
-                tracing::debug!(%err, topic, "publication stayed local");
-                Delivery::LocalOnly
+                tracing::warn!(%err, "cannot encode an envelope");
+                return Delivery::LocalOnly;
+            }
+        };
+        let mut delivery = Delivery::Cluster;
+        for topic in topics {
+            match backbone.publish(topic, bytes.clone()) {
+                Ok(()) => {
+                    if envelope.kind != Kind::Heartbeat {
+                        self.metrics.published.inc();
+                    }
+                }
+                Err(err) => {
+                    self.metrics.errors.inc();
+                    tracing::debug!(%err, topic, "publication stayed local");
+                    delivery = Delivery::LocalOnly;
+                }
             }
         }
+        delivery
+    }
+
+    /// The local clients `targets` names, each once.
+    fn local_targets(&self, targets: &DirectTargets) -> Vec<ClientHandle> {
+        let mut found: HashMap<ClientId, ClientHandle> = HashMap::new();
+        for user in &targets.users {
+            for client in self.hub.clients_of_user(user) {
+                found.insert(client.id(), client);
+            }
+        }
+        for device in &targets.devices {
+            for client in self.hub.clients_of_device(device) {
+                found.insert(client.id(), client);
+            }
+        }
+        for client_id in &targets.clients {
+            if let Some((node, number)) = client_id.rsplit_once('/')
+                && node == self.node_id
+                && let Ok(number) = number.parse::<ClientId>()
+                && let Some(client) = self.hub.client(number)
+            {
+                found.insert(client.id(), client);
+            }
+        }
+        found.into_values().collect()
+    }
+
+    /// Delivers `frame` to the local clients `targets` names, then closes them if
+    /// `action` says so. Returns how many there were.
+    fn act_locally(&self, action: DirectAction, targets: &DirectTargets, frame: &Frame) -> usize {
+        let clients = self.local_targets(targets);
+        for client in &clients {
+            let _ = client.send(frame.clone());
+            if let Some(reason) = action.close() {
+                client.close(reason);
+            }
+        }
+        clients.len()
+    }
+
+    /// Acts on the targets here and on every replica that may hold one of them: the
+    /// users' and devices' topics (only replicas with such a client listen) and the
+    /// replicas named in client ids.
+    fn direct(
+        &self,
+        action: DirectAction,
+        targets: &DirectTargets,
+        frame: &Frame,
+    ) -> Result<(usize, Delivery), RpcError> {
+        let target = serde_json::to_string(targets).unwrap_or_default();
+        if target.len() > MAX_TARGETS_BYTES {
+            return Err(RpcError::invalid_params(
+                "too many targets for one call: split it",
+            ));
+        }
+        let local = self.act_locally(action, targets, frame);
+        if self.backbone.is_none() {
+            return Ok((local, Delivery::Cluster));
+        }
+        let mut topics: Vec<String> = targets
+            .users
+            .iter()
+            .map(|user| self.topics.user(user))
+            .chain(
+                targets
+                    .devices
+                    .iter()
+                    .map(|device| self.topics.device(device)),
+            )
+            .collect();
+        let nodes: HashSet<&str> = targets
+            .clients
+            .iter()
+            .filter_map(|client_id| node_of_client(client_id))
+            .filter(|node| *node != self.node_id)
+            .collect();
+        topics.extend(nodes.into_iter().map(|node| self.topics.node(node)));
+        if topics.is_empty() {
+            return Ok((local, Delivery::Cluster));
+        }
+        let envelope = self.envelope(action.kind(), target, frame.as_bytes().clone());
+        Ok((local, self.send_to_cluster(&envelope, &topics)))
+    }
+
+    /// `send` and `kick`: counts the targets in the store, then acts everywhere (in
+    /// this order: a kick's disconnections must not shrink its own count).
+    fn direct_counted(
+        &self,
+        action: DirectAction,
+        targets: Targets,
+        frame: Frame,
+    ) -> NodeFuture<u64> {
+        let direct = DirectTargets {
+            users: targets.users,
+            devices: targets.devices,
+            clients: targets.clients,
+        };
+        let me = self.me.clone();
+        let store = Arc::clone(self.presence.store());
+        Box::pin(async move {
+            let counted =
+                timed(store.count_targets(&direct.users, &direct.devices, &direct.clients)).await;
+            let node = me.upgrade().ok_or_else(|| {
+                RpcError::with_detail(chorus_rpc::ErrorCode::Unavailable, "shutting down")
+            })?;
+            let (local, delivery) = node.direct(action, &direct, &frame)?;
+            if delivery == Delivery::LocalOnly {
+                return Err(RpcError::delivered_locally());
+            }
+            match counted {
+                Ok(count) => Ok(count),
+                Err(error) => {
+                    // Delivered all the same; only the count is this replica's own.
+                    tracing::debug!(%error, "cannot count targets in the presence store");
+                    Ok(local as u64)
+                }
+            }
+        })
     }
 
     /// Delivers an envelope that came from another replica.
@@ -333,17 +667,36 @@ impl ClusterNode {
             );
             return;
         };
-        match envelope.kind {
+        let action = match envelope.kind {
             Kind::Broadcast => {
                 self.hub.broadcast(&frame);
+                None
             }
             Kind::Channel => {
                 self.hub.publish(&envelope.target, &frame);
+                None
             }
-            other => tracing::debug!(
-                ?other,
-                "ignoring an envelope kind this replica does not handle"
-            ),
+            Kind::Direct => Some(DirectAction::Deliver),
+            Kind::Kick => Some(DirectAction::Kick),
+            Kind::Replace => Some(DirectAction::Replace),
+            other => {
+                tracing::debug!(
+                    ?other,
+                    "ignoring an envelope kind this replica does not handle"
+                );
+                None
+            }
+        };
+        if let Some(action) = action {
+            match serde_json::from_str::<DirectTargets>(&envelope.target) {
+                Ok(targets) => {
+                    self.act_locally(action, &targets, &frame);
+                }
+                Err(err) => {
+                    self.metrics.errors.inc();
+                    tracing::warn!(%err, origin = envelope.origin, "dropping a direct envelope with unreadable targets");
+                }
+            }
         }
         let latency_ms = now_ms().saturating_sub(envelope.origin_ts_ms);
         self.metrics
@@ -364,17 +717,68 @@ impl ClusterNode {
             );
         }
     }
+
+    fn member(&self, client: &ClientHandle) -> Member {
+        lock(&self.members)
+            .get(&client.id())
+            .cloned()
+            .unwrap_or_else(|| Member {
+                client_id: self.client_id(client.id()),
+                node_id: self.node_id.clone(),
+                user: client.identity().user.as_deref().map(str::to_owned),
+                device: client.identity().device.as_deref().map(str::to_owned),
+                info: None,
+            })
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(Arc<dyn chorus_pubsub::presence::PresenceStore>) -> NodeFuture<T>,
+    ) -> NodeFuture<T> {
+        let store = Arc::clone(self.presence.store());
+        if let Some(problem) = store.problem() {
+            return Box::pin(std::future::ready(Err(RpcError::presence_unavailable(
+                problem,
+            ))));
+        }
+        read(store)
+    }
+}
+
+/// `sys.join` / `sys.leave` params.
+fn join_leave(method: &str, channel: &str, member: &Member) -> Frame {
+    #[derive(Serialize)]
+    struct Params<'a> {
+        channel: &'a str,
+        client_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device: Option<&'a str>,
+    }
+    notification::value(
+        method,
+        &Params {
+            channel,
+            client_id: &member.client_id,
+            user: member.user.as_deref(),
+            device: member.device.as_deref(),
+        },
+    )
+}
+
+fn unavailable(error: &PresenceError) -> RpcError {
+    RpcError::presence_unavailable(error)
 }
 
 impl Node for ClusterNode {
     fn broadcast(&self, frame: Frame) -> Delivery {
         self.hub.broadcast(&frame);
-        self.send_to_cluster(
-            Kind::Broadcast,
-            "",
-            self.topics.broadcast(),
-            frame.as_bytes().clone(),
-        )
+        if self.backbone.is_none() {
+            return Delivery::Cluster;
+        }
+        let envelope = self.envelope(Kind::Broadcast, String::new(), frame.as_bytes().clone());
+        self.send_to_cluster(&envelope, &[self.topics.broadcast().to_owned()])
     }
 
     fn publish(&self, channel: &str, frame: Frame) -> Delivery {
@@ -382,48 +786,208 @@ impl Node for ClusterNode {
         if self.backbone.is_none() {
             return Delivery::Cluster;
         }
-        self.send_to_cluster(
-            Kind::Channel,
-            channel,
-            &self.topics.channel(channel),
-            frame.as_bytes().clone(),
-        )
+        let envelope = self.envelope(Kind::Channel, channel.to_owned(), frame.as_bytes().clone());
+        self.send_to_cluster(&envelope, &[self.topics.channel(channel)])
     }
 
     fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed {
-        self.hub.subscribe(client, channel);
-        let Some(backbone) = &self.backbone else {
-            return Subscribed::Cluster;
-        };
-        if !backbone.is_connected() {
-            // Taken as soon as the backbone is back.
-            self.interest.mark(channel);
-            return Subscribed::LocalOnly;
-        }
-        let generation = backbone.generation();
-        let (waiter, answer) = oneshot::channel();
-        {
-            let mut shard = self.confirmations.shard(channel);
-            let confirmation = shard.entry(Arc::from(channel)).or_default();
-            if confirmation.generation == Some(generation) {
-                return Subscribed::Cluster;
+        let outcome = self.hub.subscribe(client, channel);
+        let mut joined = None;
+        if outcome.added {
+            self.presence.count_changed(channel);
+            let options = self.namespaces.of(channel);
+            if options.presence || options.join_leave {
+                let member = self.member(client);
+                if options.join_leave {
+                    let frame = join_leave("sys.join", channel, &member);
+                    self.hub.publish_except(channel, &frame, client.id());
+                    if self.backbone.is_some() {
+                        let envelope = self.envelope(
+                            Kind::Channel,
+                            channel.to_owned(),
+                            frame.as_bytes().clone(),
+                        );
+                        self.send_to_cluster(&envelope, &[self.topics.channel(channel)]);
+                    }
+                }
+                joined = Some(self.presence.join(channel, member));
             }
-            confirmation.waiters.push(waiter);
-            if confirmation.waiters.len() > 1 {
-                // The backbone is being asked already; its answer serves everyone.
-                return Subscribed::Pending(pending(answer));
-            }
         }
-        self.interest.mark(channel);
-        Subscribed::Pending(pending(answer))
+        let held = self.hold(Interest::Channel(Arc::from(channel)));
+        match (joined, held) {
+            (None, held) => held,
+            (Some(joined), held) => Subscribed::Pending(Box::pin(async move {
+                let _ = joined.await;
+                match held {
+                    Subscribed::Cluster => true,
+                    Subscribed::LocalOnly => false,
+                    Subscribed::Pending(wait) => wait.await,
+                }
+            })),
+        }
     }
 
     fn unsubscribe(&self, client: &ClientHandle, channel: &str) -> bool {
         let outcome = self.hub.unsubscribe(client, channel);
-        if outcome.last_on_node && self.backbone.is_some() {
-            self.interest.mark(channel);
+        if !outcome.removed {
+            return false;
         }
-        outcome.removed
+        self.presence.count_changed(channel);
+        if outcome.last_on_node && self.backbone.is_some() {
+            self.interest.mark(Interest::Channel(Arc::from(channel)));
+        }
+        let options = self.namespaces.of(channel);
+        if options.presence || options.join_leave {
+            let member = self.member(client);
+            if options.join_leave {
+                self.publish(channel, join_leave("sys.leave", channel, &member));
+            }
+            self.presence.leave(channel, member.client_id);
+        }
+        true
+    }
+
+    fn send(&self, targets: Targets, frame: Frame) -> NodeFuture<u64> {
+        self.direct_counted(DirectAction::Deliver, targets, frame)
+    }
+
+    fn kick(&self, targets: Targets, frame: Frame) -> NodeFuture<u64> {
+        self.direct_counted(DirectAction::Kick, targets, frame)
+    }
+
+    fn presence(&self, channel: &str, limit: usize, cursor: Option<&str>) -> NodeFuture<String> {
+        let channel = channel.to_owned();
+        let cursor = cursor.map(str::to_owned);
+        self.read(move |store| {
+            Box::pin(async move {
+                let page = timed(store.page(&channel, limit, cursor.as_deref()))
+                    .await
+                    .map_err(|error| unavailable(&error))?;
+                #[derive(Serialize)]
+                struct Wire<'a> {
+                    clients: &'a [Member],
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    cursor: Option<&'a str>,
+                }
+                serde_json::to_string(&Wire {
+                    clients: &page.members,
+                    cursor: page.cursor.as_deref(),
+                })
+                .map_err(|_| RpcError::new(chorus_rpc::ErrorCode::Internal))
+            })
+        })
+    }
+
+    fn presence_stats(&self, channel: &str) -> NodeFuture<String> {
+        let channel = channel.to_owned();
+        self.read(move |store| {
+            Box::pin(async move {
+                let stats = timed(store.stats(&channel))
+                    .await
+                    .map_err(|error| unavailable(&error))?;
+                Ok(format!(
+                    r#"{{"clients":{},"users":{}}}"#,
+                    stats.clients, stats.users
+                ))
+            })
+        })
+    }
+
+    fn info(&self, user: Option<&str>) -> NodeFuture<String> {
+        let user = user.map(str::to_owned);
+        self.read(move |store| {
+            Box::pin(async move {
+                let value = match user {
+                    Some(user) => {
+                        let connections = timed(store.user(&user))
+                            .await
+                            .map_err(|error| unavailable(&error))?;
+                        let devices: Vec<serde_json::Value> = connections
+                            .iter()
+                            .map(|c| {
+                                serde_json::json!({
+                                    "device": c.device,
+                                    "client_id": c.client_id,
+                                    "node_id": c.node_id,
+                                    "connected_at": rfc3339(c.connected_at_ms),
+                                    "remote_addr": c.remote_addr,
+                                    "info": c.info,
+                                })
+                            })
+                            .collect();
+                        serde_json::json!({"online": !devices.is_empty(), "devices": devices})
+                    }
+                    None => {
+                        let nodes = timed(store.nodes())
+                            .await
+                            .map_err(|error| unavailable(&error))?;
+                        let now = now_ms();
+                        let nodes: Vec<serde_json::Value> = nodes
+                            .iter()
+                            .map(|n| {
+                                serde_json::json!({
+                                    "node_id": n.node_id,
+                                    "connections": n.connections,
+                                    "uptime_s": now.saturating_sub(n.started_at_ms) / 1000,
+                                })
+                            })
+                            .collect();
+                        serde_json::json!({ "nodes": nodes })
+                    }
+                };
+                Ok(value.to_string())
+            })
+        })
+    }
+
+    fn channels(&self, pattern: Option<Pattern>) -> NodeFuture<String> {
+        self.read(move |store| {
+            Box::pin(async move {
+                let channels = timed(store.channels())
+                    .await
+                    .map_err(|error| unavailable(&error))?;
+                let listed: Vec<serde_json::Value> = channels
+                    .iter()
+                    .filter(|(channel, _)| pattern.as_ref().is_none_or(|p| p.matches(channel)))
+                    .map(|(channel, clients)| serde_json::json!({"channel": channel, "clients": clients}))
+                    .collect();
+                Ok(serde_json::json!({ "channels": listed }).to_string())
+            })
+        })
+    }
+}
+
+impl Effects for ClusterNode {
+    fn replace(&self, connections: &[Connection]) {
+        let frame = notification::value(
+            "sys.replaced",
+            &serde_json::json!({ "node_id": self.node_id }),
+        );
+        let targets = DirectTargets {
+            clients: connections.iter().map(|c| c.client_id.clone()).collect(),
+            ..DirectTargets::default()
+        };
+        if let Err(error) = self.direct(DirectAction::Replace, &targets, &frame) {
+            tracing::warn!(%error, "could not replace older connections of a device");
+        }
+    }
+
+    fn member_lost(&self, channel: &str, member: &Connection) {
+        if self.namespaces.of(channel).join_leave {
+            self.publish(channel, join_leave("sys.leave", channel, &member.member()));
+        }
+    }
+
+    fn subscriber_count(&self, channel: &str) -> u64 {
+        self.hub.subscriber_count(channel) as u64
+    }
+
+    fn channel_counts(&self) -> Vec<(String, u64)> {
+        self.hub
+            .channel_counts()
+            .into_iter()
+            .map(|(channel, count)| (channel.to_string(), count as u64))
+            .collect()
     }
 }
 
@@ -445,72 +1009,72 @@ async fn receive(node: Arc<ClusterNode>, mut incoming: mpsc::Receiver<Bytes>) {
     }
 }
 
-/// Keeps the backbone subscribed to exactly the channels that have a local
-/// subscriber, and answers the subscriptions waiting for the backbone. It compares
-/// the hub's current state with what it holds instead of replaying events, so a
-/// subscribe and an unsubscribe racing each other still end in the right state.
+/// Keeps the backbone subscribed to exactly the topics that have a local client, and
+/// answers the subscriptions waiting for the backbone. It compares the hub's current
+/// state with what it holds instead of replaying events, so a subscribe and an
+/// unsubscribe racing each other still end in the right state.
 async fn reconcile_interest(
     node: Weak<ClusterNode>,
     changes: Arc<InterestChanges>,
     backbone: Arc<dyn Backbone>,
 ) {
-    let mut held: HashSet<Arc<str>> = HashSet::new();
+    let mut held: HashSet<Interest> = HashSet::new();
     let mut answers = FuturesUnordered::new();
     loop {
-        let settled: Option<(Arc<str>, u64, bool)> = tokio::select! {
+        let settled: Option<(Interest, u64, bool)> = tokio::select! {
             () = changes.wake.notified() => None,
             Some(settled) = answers.next(), if !answers.is_empty() => Some(settled),
         };
         let Some(node) = node.upgrade() else { return };
-        if let Some((channel, generation, confirmed)) = settled {
-            node.confirmations.settle(&channel, generation, confirmed);
+        if let Some((interest, generation, confirmed)) = settled {
+            node.confirmations.settle(&interest, generation, confirmed);
             continue;
         }
         let mut failed = Vec::new();
-        for channel in changes.take() {
-            let wanted = node.hub.has_subscribers(&channel);
-            let topic = node.topics.channel(&channel);
+        for interest in changes.take() {
+            let wanted = interest.wanted(&node.hub);
+            let topic = node.topics.of(&interest);
             let generation = backbone.generation();
             if wanted
-                && (!held.contains(&channel)
-                    || node.confirmations.needs_answer(&channel, generation))
+                && (!held.contains(&interest)
+                    || node.confirmations.needs_answer(&interest, generation))
             {
                 match backbone.subscribe(&topic) {
                     Ok(answer) => {
-                        held.insert(Arc::clone(&channel));
+                        held.insert(interest.clone());
                         answers.push(async move {
-                            (channel, generation, answer.await.unwrap_or(false))
+                            (interest, generation, answer.await.unwrap_or(false))
                         });
                     }
                     Err(err) => {
                         node.metrics.errors.inc();
                         tracing::warn!(%err, topic, "could not subscribe on the backbone; retrying");
-                        failed.push(channel);
+                        failed.push(interest);
                     }
                 }
-            } else if !wanted && held.contains(&channel) {
-                node.confirmations.forget(&channel);
+            } else if !wanted && held.contains(&interest) {
+                node.confirmations.forget(&interest);
                 match backbone.unsubscribe(&topic) {
                     Ok(()) => {
-                        held.remove(&channel);
+                        held.remove(&interest);
                     }
                     Err(err) => {
                         node.metrics.errors.inc();
                         tracing::warn!(%err, topic, "could not unsubscribe on the backbone; retrying");
-                        failed.push(channel);
+                        failed.push(interest);
                     }
                 }
             }
         }
         drop(node);
         // A refused change (the adapter's queue full) is not forgotten: without a
-        // retry the channel would stay unsubscribed until its interest changed again.
+        // retry the topic would stay unsubscribed until its interest changed again.
         if !failed.is_empty() {
             let changes = Arc::clone(&changes);
             tokio::spawn(async move {
                 tokio::time::sleep(INTEREST_RETRY).await;
-                for channel in failed {
-                    changes.mark(&channel);
+                for interest in failed {
+                    changes.mark(interest);
                 }
             });
         }
@@ -526,7 +1090,8 @@ async fn heartbeat(node: Weak<ClusterNode>) {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         if node.backbone_connected() == Some(true) {
-            node.send_to_cluster(Kind::Heartbeat, "", node.topics.broadcast(), Bytes::new());
+            let envelope = node.envelope(Kind::Heartbeat, String::new(), Bytes::new());
+            node.send_to_cluster(&envelope, &[node.topics.broadcast().to_owned()]);
         }
     }
 }
@@ -551,7 +1116,30 @@ mod tests {
     use chorus_rpc::Node as _;
 
     use super::*;
+    use crate::lifecycle::Lifecycle;
     use crate::metrics::Metrics;
+    use crate::presence::PresenceSettings;
+
+    /// Presence in this process, for a node under test.
+    fn memory_presence(
+        node_id: &str,
+    ) -> Box<dyn FnOnce(Weak<dyn Effects>) -> Arc<Presence> + Send> {
+        let node_id = node_id.to_owned();
+        Box::new(move |effects| {
+            Presence::start(
+                Arc::new(chorus_pubsub::presence::memory::MemoryPresence::new()),
+                PresenceSettings {
+                    node_id,
+                    started_at_ms: now_ms(),
+                    ttl: Duration::from_secs(15),
+                    device_replace: true,
+                },
+                Arc::new(Lifecycle::new("t", None, None, Vec::new())),
+                prometheus::IntCounter::new("errors", "errors").expect("counter"),
+                effects,
+            )
+        })
+    }
 
     /// Refuses the first `refusals` subscriptions as a full adapter queue would, then
     /// accepts; reports each accepted topic.
@@ -599,14 +1187,17 @@ mod tests {
             subscribed,
         });
         let (_incoming_tx, incoming) = mpsc::channel(1);
-        let node = ClusterNode::start(
-            "node".into(),
-            Arc::clone(&hub),
-            Some((backbone.clone() as Arc<dyn Backbone>, incoming)),
-            Topics::new("test"),
-            metrics.pubsub.clone(),
-        );
+        let node = ClusterNode::start(NodeParts {
+            node_id: "node".into(),
+            hub: Arc::clone(&hub),
+            backbone: Some((backbone.clone() as Arc<dyn Backbone>, incoming)),
+            topics: Topics::new("test"),
+            metrics: metrics.pubsub.clone(),
+            namespaces: Namespaces::default(),
+            presence: memory_presence("node"),
+        });
         assert_eq!(accepted.recv().await.as_deref(), Some("test"));
+        assert_eq!(accepted.recv().await.as_deref(), Some("test#n/node"));
 
         backbone.refusals.store(1, Ordering::Release);
         let (client, _outbox) = hub.create_client(Identity::default());
@@ -635,13 +1226,15 @@ mod tests {
             let hub = Arc::new(Hub::new(1 << 16, metrics.clone()));
             let (incoming_tx, incoming) = mpsc::channel(16);
             let backbone: Arc<dyn Backbone> = Arc::new(bus.attach(incoming_tx));
-            let node = ClusterNode::start(
-                "same".into(),
-                Arc::clone(&hub),
-                Some((backbone, incoming)),
-                Topics::new("t"),
-                metrics.pubsub.clone(),
-            );
+            let node = ClusterNode::start(NodeParts {
+                node_id: "same".into(),
+                hub: Arc::clone(&hub),
+                backbone: Some((backbone, incoming)),
+                topics: Topics::new("t"),
+                metrics: metrics.pubsub.clone(),
+                namespaces: Namespaces::default(),
+                presence: memory_presence("same"),
+            });
             (node, hub, metrics)
         };
         let (a, _, a_metrics) = start(&bus);

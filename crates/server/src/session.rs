@@ -9,11 +9,14 @@ use std::task::{Context, Poll};
 
 use chorus_gate::Identity;
 use chorus_hub::{ClientHandle, Frame, Outbox};
+use chorus_pubsub::now_ms;
+use chorus_pubsub::presence::Connection;
 use chorus_rpc::{Caller, Handled, LaterMessage, notification};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use crate::app::App;
+use crate::lifecycle::Reason;
 
 /// Why a session asks its transport to end the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +42,7 @@ impl Future for PendingReply {
 
 pub struct Session {
     app: Arc<App>,
+    client: ClientHandle,
     caller: Arc<Caller>,
     pub outbox: Outbox,
     pending: FuturesUnordered<PendingReply>,
@@ -47,15 +51,23 @@ pub struct Session {
 
 impl Session {
     /// Creates the client, queues its greeting (always the first frame it gets), and
-    /// makes it reachable, also by its user and device.
-    pub fn open(app: Arc<App>, identity: Identity) -> Self {
+    /// makes it reachable, also by its user and device, on every replica. The future
+    /// resolves once the cluster knows the client (see [`ClusterNode::connect`]).
+    ///
+    /// [`ClusterNode::connect`]: crate::node::ClusterNode::connect
+    pub fn open(
+        app: Arc<App>,
+        identity: Identity,
+        remote_addr: String,
+    ) -> (Self, impl Future<Output = ()> + Send + use<>) {
         let hub = app.node.hub();
         let (client, outbox) = hub.create_client(chorus_hub::Identity {
             user: identity.user.clone(),
             device: identity.device.clone(),
         });
+        let client_id = app.node.client_id(client.id());
         let mut greeting = serde_json::json!({
-            "client_id": client.id().to_string(),
+            "client_id": client_id,
             "node_id": app.node.node_id(),
         });
         if let Some(user) = &identity.user {
@@ -67,22 +79,34 @@ impl Session {
         let _ = client.send(notification::value("sys.connected", &greeting));
         hub.register(&client);
         app.metrics.connections_total.inc();
+        let connection = Connection {
+            client_id,
+            node_id: app.node.node_id().to_owned(),
+            user: identity.user.as_deref().map(str::to_owned),
+            device: identity.device.as_deref().map(str::to_owned),
+            connected_at_ms: now_ms(),
+            remote_addr,
+            info: identity.info.clone(),
+        };
+        let known = app.node.connect(&client, connection);
         let caller = Arc::new(Caller::new(
-            client,
+            client.clone(),
             identity,
             app.services.gate.connection(),
         ));
-        Self {
+        let session = Self {
             app,
+            client,
             caller,
             outbox,
             pending: FuturesUnordered::new(),
             pending_calls: 0,
-        }
+        };
+        (session, known)
     }
 
     pub fn client(&self) -> &ClientHandle {
-        &self.caller.client
+        &self.client
     }
 
     /// When the connection's token expires (seconds since the Unix epoch).
@@ -128,8 +152,8 @@ impl Session {
         }
     }
 
-    /// Takes the client out of the hub and the cluster's interest.
-    pub fn close(self) {
-        self.app.node.disconnect(&self.caller.client);
+    /// Takes the client out of the hub, the cluster's interest and presence.
+    pub fn close(self, reason: Reason) {
+        self.app.node.disconnect(self.client(), reason);
     }
 }

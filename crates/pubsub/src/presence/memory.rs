@@ -111,7 +111,10 @@ impl PresenceState {
 
     /// Removes a connection and its memberships; returns it, whether its user has no
     /// connection left, and the channels it left.
-    pub fn remove_connection(&mut self, client_id: &str) -> Option<(Connection, bool, Vec<String>)> {
+    pub fn remove_connection(
+        &mut self,
+        client_id: &str,
+    ) -> Option<(Connection, bool, Vec<String>)> {
         let channels: Vec<String> = self
             .memberships
             .remove(client_id)
@@ -134,12 +137,12 @@ impl PresenceState {
         if let Some(user) = &connection.user {
             remove_indexed(&mut self.by_user, user, client_id);
         }
-        if let Some(device) = &connection.device {
-            if let Some(set) = self.by_device.get_mut(device) {
-                set.remove(client_id);
-                if set.is_empty() {
-                    self.by_device.remove(device);
-                }
+        if let Some(device) = &connection.device
+            && let Some(set) = self.by_device.get_mut(device)
+        {
+            set.remove(client_id);
+            if set.is_empty() {
+                self.by_device.remove(device);
             }
         }
         Some(connection)
@@ -301,7 +304,13 @@ impl PresenceState {
     pub fn count_targets(&self, users: &[String], devices: &[String], clients: &[String]) -> u64 {
         let mut targeted: HashSet<&str> = HashSet::new();
         for user in users {
-            targeted.extend(self.by_user.get(user).into_iter().flatten().map(String::as_str));
+            targeted.extend(
+                self.by_user
+                    .get(user)
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+            );
         }
         for device in devices {
             targeted.extend(

@@ -177,8 +177,12 @@ pub trait PresenceStore: Send + Sync + 'static {
 
     /// Refreshes `node_id`'s liveness: it counts as alive for `ttl` from now.
     /// `started_at_ms` is shown by [`PresenceStore::nodes`].
-    fn beat<'a>(&'a self, node_id: &'a str, started_at_ms: u64, ttl: Duration)
-    -> StoreFuture<'a, Beat>;
+    fn beat<'a>(
+        &'a self,
+        node_id: &'a str,
+        started_at_ms: u64,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Beat>;
 
     /// Marks `node_id` as dead now (a graceful exit): whatever it still holds is
     /// reaped by the next [`PresenceStore::reap`].

@@ -52,24 +52,50 @@ pub async fn first_and_last_connection_of_a_user(s: &Stores) {
     let phone = connection("n1", 1, Some("alice"), Some("phone"));
     let laptop = connection("n2", 1, Some("alice"), Some("laptop"));
     let anonymous = connection("n1", 2, None, None);
-    assert!(s.a.connect(&phone, true).await.expect("connect").first_of_user);
-    assert!(!s.b.connect(&laptop, true).await.expect("connect").first_of_user);
-    assert!(!s.a.connect(&anonymous, true).await.expect("connect").first_of_user);
+    assert!(
+        s.a.connect(&phone, true)
+            .await
+            .expect("connect")
+            .first_of_user
+    );
+    assert!(
+        !s.b.connect(&laptop, true)
+            .await
+            .expect("connect")
+            .first_of_user
+    );
+    assert!(
+        !s.a.connect(&anonymous, true)
+            .await
+            .expect("connect")
+            .first_of_user
+    );
     // Recording the same connection again (a resync) changes nothing.
-    assert!(!s.a.connect(&phone, false).await.expect("connect").first_of_user);
+    assert!(
+        !s.a.connect(&phone, false)
+            .await
+            .expect("connect")
+            .first_of_user
+    );
     let devices = s.b.user("alice").await.expect("user");
     assert_eq!(ids(&devices), ["n1/1", "n2/1"]);
     assert_eq!(devices[0].device.as_deref(), Some("phone"));
     assert_eq!(devices[0].remote_addr, "127.0.0.1");
     assert_eq!(devices[0].connected_at_ms, phone.connected_at_ms);
-    assert_eq!(devices[0].info.as_ref().map(|i| i.get()), Some(r#"{"n":1}"#));
+    assert_eq!(
+        devices[0].info.as_ref().map(|i| i.get()),
+        Some(r#"{"n":1}"#)
+    );
 
     let gone = s.b.disconnect("n1/1").await.expect("disconnect");
     assert!(gone.known && !gone.last_of_user);
     let gone = s.a.disconnect("n2/1").await.expect("disconnect");
     assert!(gone.known && gone.last_of_user);
     let again = s.a.disconnect("n2/1").await.expect("disconnect");
-    assert!(!again.known && !again.last_of_user, "a second removal reports nothing");
+    assert!(
+        !again.known && !again.last_of_user,
+        "a second removal reports nothing"
+    );
     let anonymous_gone = s.a.disconnect("n1/2").await.expect("disconnect");
     assert!(anonymous_gone.known && !anonymous_gone.last_of_user);
     assert!(s.a.user("alice").await.expect("user").is_empty());
@@ -89,9 +115,21 @@ pub async fn a_device_connecting_twice_finds_its_older_connection(s: &Stores) {
     assert!(!connected.first_of_user);
     assert_eq!(ids(&connected.replaced), ["n1/1"]);
     let quiet = connection("n2", 2, Some("bob"), Some("tablet"));
-    assert!(s.b.connect(&quiet, false).await.expect("connect").replaced.is_empty());
+    assert!(
+        s.b.connect(&quiet, false)
+            .await
+            .expect("connect")
+            .replaced
+            .is_empty()
+    );
     let undeviced = connection("n2", 3, Some("bob"), None);
-    assert!(s.b.connect(&undeviced, true).await.expect("connect").replaced.is_empty());
+    assert!(
+        s.b.connect(&undeviced, true)
+            .await
+            .expect("connect")
+            .replaced
+            .is_empty()
+    );
 }
 
 /// Joins, leaves and disconnects show in the stats at once, from any replica.
@@ -115,11 +153,18 @@ pub async fn channel_members_and_stats(s: &Stores) {
     s.b.leave(channel, "n2/1").await.expect("leave");
     s.b.leave(channel, "n2/1").await.expect("leave again");
     let stats = s.a.stats(channel).await.expect("stats");
-    assert_eq!((stats.clients, stats.users), (3, 2), "alice is still in on d1");
+    assert_eq!(
+        (stats.clients, stats.users),
+        (3, 2),
+        "alice is still in on d1"
+    );
 
     let gone = s.b.disconnect("n1/1").await.expect("disconnect");
     let left: BTreeSet<String> = gone.channels.into_iter().collect();
-    assert_eq!(left, BTreeSet::from([channel.to_owned(), "other".to_owned()]));
+    assert_eq!(
+        left,
+        BTreeSet::from([channel.to_owned(), "other".to_owned()])
+    );
     let stats = s.a.stats(channel).await.expect("stats");
     assert_eq!((stats.clients, stats.users), (2, 1));
     assert_eq!(s.a.stats("other").await.expect("stats").clients, 0);
@@ -129,10 +174,19 @@ pub async fn channel_members_and_stats(s: &Stores) {
     assert_eq!(page.members[1].user.as_deref(), Some("bob"));
     assert_eq!(page.members[1].node_id, "n2");
     assert_eq!(page.members[0].user, None);
-    assert_eq!(page.members[0].info.as_ref().map(|i| i.get()), Some(r#"{"n":2}"#));
+    assert_eq!(
+        page.members[0].info.as_ref().map(|i| i.get()),
+        Some(r#"{"n":2}"#)
+    );
     assert!(page.cursor.is_none());
     assert_eq!(s.a.stats("nobody").await.expect("stats").clients, 0);
-    assert!(s.a.page("nobody", 10, None).await.expect("page").members.is_empty());
+    assert!(
+        s.a.page("nobody", 10, None)
+            .await
+            .expect("page")
+            .members
+            .is_empty()
+    );
 }
 
 /// Paging walks every member exactly once, `limit` at a time.
@@ -141,7 +195,12 @@ pub async fn paging_returns_every_member_once(s: &Stores) {
     let total = 2_345u32;
     let mut expected = BTreeSet::new();
     for n in 0..total {
-        let c = connection(if n % 2 == 0 { "n1" } else { "n2" }, n, Some(&format!("u{}", n % 1000)), None);
+        let c = connection(
+            if n % 2 == 0 { "n1" } else { "n2" },
+            n,
+            Some(&format!("u{}", n % 1000)),
+            None,
+        );
         let store = if n % 2 == 0 { &s.a } else { &s.b };
         store.join(channel, &member(&c)).await.expect("join");
         expected.insert(c.client_id);
@@ -152,10 +211,17 @@ pub async fn paging_returns_every_member_once(s: &Stores) {
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
-        let page = s.b.page(channel, 1000, cursor.as_deref()).await.expect("page");
+        let page =
+            s.b.page(channel, 1000, cursor.as_deref())
+                .await
+                .expect("page");
         assert!(page.members.len() <= 1000);
         for member in &page.members {
-            assert!(seen.insert(member.client_id.clone()), "{} twice", member.client_id);
+            assert!(
+                seen.insert(member.client_id.clone()),
+                "{} twice",
+                member.client_id
+            );
         }
         pages += 1;
         match page.cursor {
@@ -168,16 +234,28 @@ pub async fn paging_returns_every_member_once(s: &Stores) {
     let capped = s.a.page(channel, 5000, None).await.expect("page");
     assert_eq!(capped.members.len(), 1000, "a page holds at most 1000");
     let exact = s.a.page(channel, 345, Some("n2/999")).await.expect("page");
-    assert!(exact.members.iter().all(|m| m.client_id.as_str() > "n2/999"));
+    assert!(
+        exact
+            .members
+            .iter()
+            .all(|m| m.client_id.as_str() > "n2/999")
+    );
 }
 
 /// Live replicas are listed with their connection counts; a retired one is not.
 pub async fn nodes_are_listed_while_alive(s: &Stores) {
-    assert!(!s.a.beat("n1", 111, LONG_TTL).await.expect("beat").known, "first beat");
+    assert!(
+        !s.a.beat("n1", 111, LONG_TTL).await.expect("beat").known,
+        "first beat"
+    );
     assert!(s.a.beat("n1", 111, LONG_TTL).await.expect("beat").known);
     s.b.beat("n2", 222, LONG_TTL).await.expect("beat");
-    s.a.connect(&connection("n1", 1, Some("u"), None), true).await.expect("connect");
-    s.a.connect(&connection("n1", 2, None, None), true).await.expect("connect");
+    s.a.connect(&connection("n1", 1, Some("u"), None), true)
+        .await
+        .expect("connect");
+    s.a.connect(&connection("n1", 2, None, None), true)
+        .await
+        .expect("connect");
     let nodes = s.b.nodes().await.expect("nodes");
     let summary: Vec<(&str, u64, u64)> = nodes
         .iter()
@@ -208,7 +286,12 @@ pub async fn a_dead_replica_is_reaped_once(s: &Stores) {
     s.b.beat("alive", 2, LONG_TTL).await.expect("beat");
     let mut on_dead = Vec::new();
     for n in 0..20 {
-        let c = connection("dead", n, Some(&format!("user{}", n % 10)), Some(&format!("dev{n}")));
+        let c = connection(
+            "dead",
+            n,
+            Some(&format!("user{}", n % 10)),
+            Some(&format!("dev{n}")),
+        );
         s.a.connect(&c, true).await.expect("connect");
         s.a.join("room", &member(&c)).await.expect("join");
         on_dead.push(c);
@@ -217,28 +300,41 @@ pub async fn a_dead_replica_is_reaped_once(s: &Stores) {
     let survivor = connection("alive", 1, Some("user0"), None);
     s.b.connect(&survivor, true).await.expect("connect");
     s.b.join("room", &member(&survivor)).await.expect("join");
-    s.a.set_channel_counts("dead", &[("room".to_owned(), 20)]).await.expect("counts");
-    s.b.set_channel_counts("alive", &[("room".to_owned(), 1)]).await.expect("counts");
+    s.a.set_channel_counts("dead", &[("room".to_owned(), 20)])
+        .await
+        .expect("counts");
+    s.b.set_channel_counts("alive", &[("room".to_owned(), 1)])
+        .await
+        .expect("counts");
 
     // Not reaped while alive.
     assert!(s.b.reap(100).await.expect("reap").is_empty());
     let deadline = tokio::time::Instant::now() + SOON;
     while s.b.nodes().await.expect("nodes").len() > 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the dead replica never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead replica never expired"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (mut by_a, mut by_b) = (Vec::new(), Vec::new());
     tokio::join!(reap_all(&s.a, &mut by_a), reap_all(&s.b, &mut by_b));
     let mut reaped: Vec<&Lost> = by_a.iter().chain(&by_b).collect();
     reaped.sort_by(|x, y| x.connection.client_id.cmp(&y.connection.client_id));
-    let reaped_ids: BTreeSet<&str> = reaped.iter().map(|l| l.connection.client_id.as_str()).collect();
+    let reaped_ids: BTreeSet<&str> = reaped
+        .iter()
+        .map(|l| l.connection.client_id.as_str())
+        .collect();
     assert_eq!(reaped.len(), 20, "each connection reaped exactly once");
     assert_eq!(reaped_ids.len(), 20);
     for lost in &reaped {
         assert_eq!(lost.connection.node_id, "dead");
         assert_eq!(lost.channels, ["room"]);
         let user = lost.connection.user.as_deref().expect("user");
-        let others_on_dead = reaped.iter().filter(|l| l.connection.user.as_deref() == Some(user)).count();
+        let others_on_dead = reaped
+            .iter()
+            .filter(|l| l.connection.user.as_deref() == Some(user))
+            .count();
         assert_eq!(others_on_dead, 2);
     }
     // user0 is still online (on the live replica): never last. Every other user: last
@@ -257,8 +353,16 @@ pub async fn a_dead_replica_is_reaped_once(s: &Stores) {
     assert_eq!((stats.clients, stats.users), (1, 1));
     assert_eq!(s.a.user("user0").await.expect("user").len(), 1);
     assert!(s.a.user("user1").await.expect("user").is_empty());
-    assert_eq!(s.a.channels().await.expect("channels"), [("room".to_owned(), 1)]);
-    assert_eq!(s.a.count_targets(&[], &["dev3".to_owned()], &[]).await.expect("count"), 0);
+    assert_eq!(
+        s.a.channels().await.expect("channels"),
+        [("room".to_owned(), 1)]
+    );
+    assert_eq!(
+        s.a.count_targets(&[], &["dev3".to_owned()], &[])
+            .await
+            .expect("count"),
+        0
+    );
     // The dead replica comes back: its store entry is gone, so it must record again.
     assert!(!s.a.beat("dead", 1, LONG_TTL).await.expect("beat").known);
 }
@@ -291,16 +395,28 @@ pub async fn leftovers_of_an_earlier_process_are_reaped_on_demand(s: &Stores) {
 pub async fn channel_counts_are_summed_over_replicas(s: &Stores) {
     s.a.beat("n1", 1, LONG_TTL).await.expect("beat");
     s.b.beat("n2", 1, LONG_TTL).await.expect("beat");
-    s.a.set_channel_counts("n1", &[("a".into(), 2), ("b:1".into(), 1)]).await.expect("counts");
-    s.b.set_channel_counts("n2", &[("a".into(), 3)]).await.expect("counts");
+    s.a.set_channel_counts("n1", &[("a".into(), 2), ("b:1".into(), 1)])
+        .await
+        .expect("counts");
+    s.b.set_channel_counts("n2", &[("a".into(), 3)])
+        .await
+        .expect("counts");
     assert_eq!(
         s.b.channels().await.expect("channels"),
         [("a".to_owned(), 5), ("b:1".to_owned(), 1)]
     );
-    s.a.set_channel_counts("n1", &[("b:1".into(), 0), ("a".into(), 1)]).await.expect("counts");
-    assert_eq!(s.b.channels().await.expect("channels"), [("a".to_owned(), 4)]);
+    s.a.set_channel_counts("n1", &[("b:1".into(), 0), ("a".into(), 1)])
+        .await
+        .expect("counts");
+    assert_eq!(
+        s.b.channels().await.expect("channels"),
+        [("a".to_owned(), 4)]
+    );
     s.b.retire("n2").await.expect("retire");
-    assert_eq!(s.a.channels().await.expect("channels"), [("a".to_owned(), 1)]);
+    assert_eq!(
+        s.a.channels().await.expect("channels"),
+        [("a".to_owned(), 1)]
+    );
 }
 
 /// `send` and `kick` count each targeted connection once.
@@ -319,10 +435,23 @@ pub async fn targets_are_counted_once(s: &Stores) {
         let devices: Vec<String> = devices.iter().map(|s| (*s).to_owned()).collect();
         let clients: Vec<String> = clients.iter().map(|s| (*s).to_owned()).collect();
         let store = Arc::clone(&s.b);
-        async move { store.count_targets(&users, &devices, &clients).await.expect("count") }
+        async move {
+            store
+                .count_targets(&users, &devices, &clients)
+                .await
+                .expect("count")
+        }
     };
     assert_eq!(count(&["erin"], &[], &[]).await, 2);
-    assert_eq!(count(&["erin"], &["e-phone", "f-phone"], &["n1/2", "n2/2", "n9/9"]).await, 4);
+    assert_eq!(
+        count(
+            &["erin"],
+            &["e-phone", "f-phone"],
+            &["n1/2", "n2/2", "n9/9"]
+        )
+        .await,
+        4
+    );
     assert_eq!(count(&[], &["e-laptop"], &[]).await, 1);
     assert_eq!(count(&["nobody"], &["nothing"], &["n1/99"]).await, 0);
 }
@@ -339,7 +468,12 @@ pub async fn names_are_kept_exactly(s: &Stores) {
         info: None,
     };
     s.a.beat(&odd.node_id, 5, LONG_TTL).await.expect("beat");
-    assert!(s.a.connect(&odd, true).await.expect("connect").first_of_user);
+    assert!(
+        s.a.connect(&odd, true)
+            .await
+            .expect("connect")
+            .first_of_user
+    );
     s.a.join("a.b.c", &odd.member()).await.expect("join");
     s.a.join("a", &odd.member()).await.expect("join");
     let user = s.b.user("ü ser.*>/x").await.expect("user");
@@ -349,7 +483,12 @@ pub async fn names_are_kept_exactly(s: &Stores) {
     assert_eq!(s.b.stats("a.b.c").await.expect("stats").clients, 1);
     assert_eq!(s.b.stats("a").await.expect("stats").clients, 1);
     assert_eq!(s.b.stats("a.b").await.expect("stats").clients, 0);
-    assert_eq!(s.b.count_targets(&[], &["dev ice.*".into()], &[]).await.expect("count"), 1);
+    assert_eq!(
+        s.b.count_targets(&[], &["dev ice.*".into()], &[])
+            .await
+            .expect("count"),
+        1
+    );
     let nodes = s.b.nodes().await.expect("nodes");
     assert_eq!(nodes[0].node_id, "node.a/b:c");
     let gone = s.b.disconnect("node.a/b:c/7").await.expect("disconnect");

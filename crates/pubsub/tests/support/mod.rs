@@ -41,6 +41,9 @@ pub struct Server {
     kind: Kind,
     port: u16,
     child: Option<Child>,
+    /// NATS only: JetStream's store directory (kept across restarts, removed on drop);
+    /// `None` runs the server without JetStream.
+    jetstream_dir: Option<PathBuf>,
 }
 
 impl Server {
@@ -51,13 +54,37 @@ impl Server {
         server
     }
 
-    /// Reserves a fresh port without starting anything on it yet.
+    /// Starts a server without JetStream (NATS; Redis has nothing to leave out).
+    pub fn start_without_jetstream(kind: Kind) -> Self {
+        let mut server = Self::stopped(kind).without_jetstream();
+        server.restart();
+        server
+    }
+
+    /// Reserves a fresh port without starting anything on it yet. A NATS server runs
+    /// with JetStream, storing into a fresh temporary directory.
     pub fn stopped(kind: Kind) -> Self {
+        let port = free_port();
+        let jetstream_dir = (kind == Kind::Nats).then(|| {
+            std::env::temp_dir().join(format!(
+                "chorus-nats-{}-{port}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ))
+        });
         Self {
             kind,
-            port: free_port(),
+            port,
             child: None,
+            jetstream_dir,
         }
+    }
+
+    /// The same server without JetStream; call before starting it.
+    pub fn without_jetstream(mut self) -> Self {
+        assert!(self.child.is_none(), "the server is already running");
+        self.jetstream_dir = None;
+        self
     }
 
     pub fn url(&self) -> String {
@@ -88,7 +115,13 @@ impl Server {
                 "--dir",
                 &std::env::temp_dir().to_string_lossy(),
             ]),
-            Kind::Nats => command.args(["-a", "127.0.0.1", "-p", &port]),
+            Kind::Nats => {
+                command.args(["-a", "127.0.0.1", "-p", &port]);
+                if let Some(dir) = &self.jetstream_dir {
+                    command.arg("-js").arg("-sd").arg(dir);
+                }
+                &mut command
+            }
         };
         let mut child = command
             .stdin(Stdio::null())
@@ -133,14 +166,39 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.jetstream_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
+/// Where to find a server binary: for `nats-server`, the one `CHORUS_NATS_SERVER`
+/// names, else the one scripts/test installs into `<target>/tools-venv/bin` (JetStream
+/// KV needs a newer NATS than Debian's 2.9); then `PATH` and the usual directories.
 fn find_binary(name: &str) -> PathBuf {
+    let mut preferred = Vec::new();
+    if name == "nats-server" {
+        if let Some(binary) = std::env::var_os("CHORUS_NATS_SERVER") {
+            preferred.push(PathBuf::from(binary));
+        }
+        let workspace_target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target");
+        let targets = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain([workspace_target]);
+        preferred.extend(targets.map(|target| target.join("tools-venv/bin").join(name)));
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
+    preferred
+        .into_iter()
+        .chain(
+            std::env::split_paths(&path)
+                .chain(
+                    ["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"]
+                        .map(PathBuf::from),
+                )
+                .map(|dir| dir.join(name)),
+        )
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| {
             panic!(

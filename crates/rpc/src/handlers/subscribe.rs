@@ -26,7 +26,7 @@ impl Method for Subscribe {
         cx: &Context<'_>,
         channel: &Self::Params<'p>,
     ) -> Result<Reply<'p>, RpcError> {
-        match cx.node().subscribe(cx.client(), channel) {
+        match cx.node().subscribe(cx.client()?, channel) {
             Subscribed::Cluster => Ok(channel_result(channel)),
             Subscribed::LocalOnly => Err(RpcError::subscribed_locally()),
             Subscribed::Pending(held) => {

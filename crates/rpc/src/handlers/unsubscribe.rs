@@ -24,7 +24,7 @@ impl Method for Unsubscribe {
         cx: &Context<'_>,
         channel: &Self::Params<'p>,
     ) -> Result<Reply<'p>, RpcError> {
-        if cx.node().unsubscribe(cx.client(), channel) {
+        if cx.node().unsubscribe(cx.client()?, channel) {
             Ok(channel_result(channel))
         } else {
             Err(

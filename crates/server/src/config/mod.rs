@@ -2,7 +2,8 @@
 //! completely before any port is bound, so a typo stops start-up with one clear line.
 //!
 //! One typed part per concern, each read (with envy) and validated in its own module:
-//! [`TransportConfig`], [`LimitsConfig`], [`ClusterConfig`], [`LogConfig`]. A `WS_`
+//! [`TransportConfig`], [`LimitsConfig`], [`GateSettings`], [`ClusterConfig`],
+//! [`UsersConfig`], [`LogConfig`]. A `WS_`
 //! variable that no part knows is refused, and so is a set of values that do not fit
 //! together.
 
@@ -11,6 +12,7 @@ mod gate;
 mod limits;
 mod log;
 mod transport;
+mod users;
 mod values;
 
 use serde::Deserialize;
@@ -20,6 +22,7 @@ pub use gate::GateSettings;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
 pub use transport::{AllowedOrigins, TransportConfig};
+pub use users::{UsersConfig, WebhookSettings};
 pub use values::parse_duration;
 
 /// The validated configuration.
@@ -29,6 +32,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub gate: GateSettings,
     pub cluster: ClusterConfig,
+    pub users: UsersConfig,
     pub log: LogConfig,
 }
 
@@ -63,12 +67,14 @@ impl Config {
         let limits = LimitsConfig::load(&vars)?;
         let gate = GateSettings::load(&vars)?;
         let cluster = ClusterConfig::load(&vars)?;
+        let users = UsersConfig::load(&vars)?;
         let log = LogConfig::load(&vars)?;
         let config = Self {
             transport,
             limits,
             gate,
             cluster,
+            users,
             log,
         };
         config.check_consistency()?;
@@ -101,6 +107,7 @@ fn known_variables() -> Vec<String> {
         values::fields::<limits::Raw>(),
         values::fields::<gate::Raw>(),
         values::fields::<cluster::Raw>(),
+        values::fields::<users::Raw>(),
         values::fields::<log::Raw>(),
     ]
     .concat()

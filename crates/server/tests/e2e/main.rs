@@ -17,3 +17,5 @@ mod limits;
 mod ops;
 mod process;
 mod transport;
+mod users;
+mod users_cluster;
