@@ -789,3 +789,63 @@ async fn auth_refresh_takes_a_token_of_the_same_user_only() {
         "unchanged by refusals"
     );
 }
+
+#[tokio::test]
+async fn the_server_api_skips_grants_and_budgets_but_not_the_size_cap() {
+    let setup = Setup::with_gate(
+        Backbone::Up,
+        GateConfig {
+            limits: Limits {
+                max_publish_size: 16,
+                publish_rate: Some(Rate::per_second(1, 1)),
+                ..Limits::default()
+            },
+            namespaces: Namespaces::new(std::collections::HashMap::from([(
+                "feed".to_owned(),
+                NamespaceOptions {
+                    client_publish: false,
+                    ..NamespaceOptions::default()
+                },
+            )])),
+            client_broadcast: false,
+            channels_require_grant: true,
+            ..GateConfig::default()
+        },
+        1 << 20,
+    );
+    let api_router = Router::for_api();
+    let api = Arc::new(Caller::api(1 << 20));
+    let cx = Context {
+        services: &setup.services,
+        caller: &api,
+    };
+    let call = |message: Value| match api_router.handle(&message.to_string(), &cx) {
+        Handled::Now(reply) => serde_json::from_str::<Value>(&reply).expect("JSON"),
+        other => panic!("expected a reply now, got {other:?}"),
+    };
+    for _ in 0..3 {
+        let reply = call(request("publish", json!({"channel": "feed:1", "data": 1})));
+        assert_eq!(reply["result"], json!({"channel": "feed:1"}), "{reply}");
+    }
+    let reply = call(request("broadcast", json!({"data": {"a": 1}})));
+    assert_eq!(reply["result"], json!({"status": "broadcasted"}), "{reply}");
+    let reply = call(request("broadcast", json!({"data": "x".repeat(32)})));
+    assert_eq!(reply["error"]["code"], -32013, "{reply}");
+    let reply = call(request("send", json!({"users": ["u"], "data": "x".repeat(32)})));
+    assert_eq!(reply["error"]["code"], -32013, "{reply}");
+    let reply = call(request("subscribe", json!({"channel": "a"})));
+    assert_eq!(reply["error"]["code"], -32601, "clients' methods are not the API's");
+    let reply = call(request("presence", json!({"channel": "feed:1"})));
+    assert_eq!(reply["error"]["code"], -32004, "{reply}");
+    assert_eq!(reply["error"]["data"]["reason"], "presence not enabled");
+}
+
+#[test]
+fn clients_cannot_call_the_servers_methods() {
+    let setup = Setup::new(Backbone::Up);
+    let (client, _outbox) = setup.client();
+    for method in ["send", "kick", "info", "channels"] {
+        let reply = setup.call(&client, request(method, json!({"users": ["u"], "data": 1})));
+        assert_eq!(reply["error"]["code"], -32601, "{method}: {reply}");
+    }
+}
