@@ -2,13 +2,14 @@
 //! [`Envelope`] that crosses it, the recent-id set that drops duplicates, and the
 //! adapters themselves (`local` for one process, `redis` and `nats` for a cluster).
 //!
-//! The [`presence`] stores follow the backbone: memory, Redis, NATS KV.
+//! The [`presence`] and [`history`] stores follow the backbone: memory, Redis, NATS.
 //!
 //! Adapters move opaque bytes on named topics. Everything Chorus-specific (which
 //! topic a channel maps to, what to do with a message) lives in the server.
 
 pub mod dedup;
 pub mod envelope;
+pub mod history;
 pub mod local;
 pub mod nats;
 pub mod presence;

@@ -28,7 +28,8 @@ use serde_json::value::RawValue;
 pub const MAX_PAGE: usize = 1000;
 
 /// A future returned by a store; it borrows the store and its arguments.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PresenceError>> + Send + 'a>>;
+pub type StoreFuture<'a, T, E = PresenceError> =
+    Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'a>>;
 
 /// Why a presence operation did not happen.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

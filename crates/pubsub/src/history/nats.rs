@@ -1,0 +1,1 @@
+//! History in NATS JetStream (to be written).

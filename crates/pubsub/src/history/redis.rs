@@ -1,0 +1,1 @@
+//! History in Redis Streams (to be written).
