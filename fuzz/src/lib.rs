@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock};
 use chorus_gate::{Gate, Identity, Limits};
 use chorus_hub::{ClientHandle, Frame, Hub, NoEvents};
 use chorus_rpc::{
-    Caller, Context, Delivery, Entry, Handled, Message, NoObserver, Node, Router, Services,
-    Subscribed, parse_with_limit,
+    Caller, Context, Delivery, Entry, Handled, Message, NoObserver, Node, Published, Router,
+    Services, Subscribed, parse_with_limit,
 };
 use serde_json::Value;
 
@@ -29,11 +29,22 @@ impl Node for HubNode {
         self.hub.broadcast(&frame);
         Delivery::Cluster
     }
-    fn publish(&self, channel: &str, frame: Frame) -> Delivery {
-        self.hub.publish(channel, &frame);
-        Delivery::Cluster
+    fn publish(
+        &self,
+        channel: &str,
+        data: &serde_json::value::RawValue,
+        _idempotency_key: Option<&str>,
+    ) -> Published {
+        self.hub
+            .publish(channel, &chorus_rpc::notification::channel_message(channel, data));
+        Published::Now(Delivery::Cluster)
     }
-    fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed {
+    fn subscribe(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        _since: Option<chorus_rpc::StreamPosition>,
+    ) -> Subscribed {
         self.hub.subscribe(client, channel);
         Subscribed::Cluster
     }

@@ -6,11 +6,38 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use crate::frame::Frame;
+use crate::frame::{Frame, Overflow, Tag};
 use crate::hub::HubEvents;
 
 /// Process-unique client number, assigned by the [`Hub`](crate::Hub).
 pub type ClientId = u64;
+
+/// Room kept for the notice that says what a drop policy dropped, besides the
+/// channel's name: a `sys.gap` with two offsets fits in it.
+const NOTICE_RESERVE: usize = 130;
+
+/// What a channel's drop policy took out of one client's queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub messages: u64,
+    /// The lowest and highest offset dropped (0: the channel has no history).
+    pub from_offset: u64,
+    pub to_offset: u64,
+}
+
+impl Dropped {
+    fn count(&mut self, frame: &Frame) {
+        self.messages += 1;
+        if let Some(offset) = frame.tag().map(|tag| tag.offset).filter(|offset| *offset > 0) {
+            self.from_offset = if self.from_offset == 0 {
+                offset
+            } else {
+                self.from_offset.min(offset)
+            };
+            self.to_offset = self.to_offset.max(offset);
+        }
+    }
+}
 
 /// Queue capacity kept after a burst drains; a larger one is given back, so a burst
 /// does not pin memory on every connection that lived through it.
@@ -144,6 +171,20 @@ impl ClientHandle {
             return Err(SendError::Closed);
         }
         let len = frame.len();
+        if queue.owed + len > self.shared.budget
+            && let Some(tag) = frame.tag()
+            && tag.overflow != Overflow::Disconnect
+            && let Some(notice) = self.make_room(&mut queue, tag, len)
+        {
+            // The channel's policy made room: the notice says what it dropped.
+            queue.owed += notice.len() + len;
+            queue.frames.push_back(notice);
+            queue.frames.push_back(frame);
+            let waker = queue.waker.take();
+            drop(queue);
+            wake(waker);
+            return Ok(());
+        }
         if queue.owed + len > self.shared.budget {
             queue.close = Some(CloseReason::SlowConsumer);
             queue.frames = VecDeque::new();
@@ -160,6 +201,44 @@ impl ClientHandle {
         drop(queue);
         wake(waker);
         Ok(())
+    }
+
+    /// Drops queued messages of `tag`'s channel as its policy says, so that `len` more
+    /// bytes and the notice about what was dropped fit. Returns the notice, or `None`
+    /// when dropping cannot make room (the client is then closed as a slow consumer).
+    fn make_room(&self, queue: &mut Queue, tag: &Tag, len: usize) -> Option<Frame> {
+        let budget = self.shared.budget;
+        let same_channel = |frame: &Frame| frame.tag().is_some_and(|t| t.channel == tag.channel);
+        let mut dropped = Dropped::default();
+        let mut freed = 0;
+        match tag.overflow {
+            Overflow::Disconnect => return None,
+            Overflow::DropOldest => {
+                // Oldest first, until the new message and a notice fit.
+                let reserve = NOTICE_RESERVE + tag.channel.len();
+                queue.frames.retain(|queued| {
+                    if queue.owed - freed + len + reserve <= budget || !same_channel(queued) {
+                        return true;
+                    }
+                    freed += queued.len();
+                    dropped.count(queued);
+                    false
+                });
+            }
+            Overflow::Latest => {
+                queue.frames.retain(|queued| {
+                    if !same_channel(queued) {
+                        return true;
+                    }
+                    freed += queued.len();
+                    dropped.count(queued);
+                    false
+                });
+            }
+        }
+        queue.owed -= freed;
+        let notice = self.shared.events.gap(&tag.channel, &dropped)?;
+        (dropped.messages > 0 && queue.owed + notice.len() + len <= budget).then_some(notice)
     }
 
     /// Asks the client's connection to close. Only the first reason counts; returns

@@ -11,11 +11,54 @@ use tungstenite::Utf8Bytes;
 /// A `Frame` is one pointer wide: a burst of a thousand messages queued for ten
 /// thousand subscribers costs 8 bytes per queued copy, not the 32 of the text handle.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame(Arc<Utf8Bytes>);
+pub struct Frame(Arc<Inner>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct Inner {
+    text: Utf8Bytes,
+    tag: Option<Tag>,
+}
+
+/// What a client's queue does when a channel's message does not fit it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Close the client (1013).
+    #[default]
+    Disconnect,
+    /// Drop the channel's oldest queued messages until it fits.
+    DropOldest,
+    /// Keep only the channel's newest message.
+    Latest,
+}
+
+/// The channel a publication belongs to, its offset (0 for a channel without
+/// history), and its channel's overflow policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tag {
+    pub channel: Arc<str>,
+    pub offset: u64,
+    pub overflow: Overflow,
+}
 
 impl Frame {
     pub fn from_static(text: &'static str) -> Self {
-        Self(Arc::new(Utf8Bytes::from_static(text)))
+        Self::from(Utf8Bytes::from_static(text))
+    }
+
+    /// A channel's publication: queues may drop it by its channel's policy.
+    pub fn tagged(text: String, tag: Tag) -> Self {
+        Self(Arc::new(Inner {
+            text: Utf8Bytes::from(text),
+            tag: Some(tag),
+        }))
+    }
+
+    /// The same text with a tag (e.g. a publication that came from the backbone).
+    pub fn with_tag(&self, tag: Tag) -> Self {
+        Self(Arc::new(Inner {
+            text: self.0.text.clone(),
+            tag: Some(tag),
+        }))
     }
 
     /// Wraps bytes that arrived from outside (e.g. the backbone), checking UTF-8 once.
@@ -24,19 +67,23 @@ impl Frame {
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.0.text.as_str()
     }
 
     pub fn as_bytes(&self) -> &Bytes {
-        self.0.as_ref().as_ref()
+        self.0.text.as_ref()
+    }
+
+    pub fn tag(&self) -> Option<&Tag> {
+        self.0.tag.as_ref()
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.text.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.text.is_empty()
     }
 
     /// Whether both frames share one buffer (a fan-out copy, not an equal text).
@@ -46,19 +93,22 @@ impl Frame {
 
     /// The WebSocket payload, without copying the text.
     pub fn into_text(self) -> Utf8Bytes {
-        Arc::try_unwrap(self.0).unwrap_or_else(|shared| Utf8Bytes::clone(&shared))
+        match Arc::try_unwrap(self.0) {
+            Ok(inner) => inner.text,
+            Err(shared) => shared.text.clone(),
+        }
     }
 }
 
 impl From<String> for Frame {
     fn from(text: String) -> Self {
-        Self(Arc::new(Utf8Bytes::from(text)))
+        Self::from(Utf8Bytes::from(text))
     }
 }
 
 impl From<Utf8Bytes> for Frame {
     fn from(text: Utf8Bytes) -> Self {
-        Self(Arc::new(text))
+        Self(Arc::new(Inner { text, tag: None }))
     }
 }
 

@@ -7,16 +7,23 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::client::{ClientHandle, ClientId, CloseReason, Identity, Outbox};
+use crate::client::{ClientHandle, ClientId, CloseReason, Dropped, Identity, Outbox};
 use crate::frame::Frame;
 
 /// Shards per index: enough that two cores rarely meet on one lock.
 const SHARDS: usize = 32;
 
-/// Things the hub notices that the server wants to count. Methods must not block.
+/// Things the hub notices that the server wants to count, or to say to a client.
+/// Methods must not block.
 pub trait HubEvents: Send + Sync + 'static {
     /// A client went over its queue's byte budget and is being disconnected.
     fn slow_consumer(&self, _client: ClientId) {}
+
+    /// A channel's drop policy dropped queued messages of one client: the notice to
+    /// queue for it in their place (`None`: the client is closed instead).
+    fn gap(&self, _channel: &str, _dropped: &Dropped) -> Option<Frame> {
+        None
+    }
 }
 
 /// [`HubEvents`] that ignores everything.
@@ -50,6 +57,9 @@ type NameShard = RwLock<HashMap<Arc<str>, Subscribers>>;
 pub struct Hub {
     clients: Box<[RwLock<Subscribers>]>,
     channels: Box<[NameShard]>,
+    /// Subscribers not yet receiving live publications: a history channel's new
+    /// subscriber is held until what it recovered has been queued for it.
+    held: Box<[NameShard]>,
     /// Registered clients by user id.
     users: Box<[NameShard]>,
     /// Registered clients by device id (device ids are global, not per user).
@@ -75,6 +85,7 @@ impl Hub {
         Self {
             clients: (0..SHARDS).map(|_| RwLock::default()).collect(),
             channels: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            held: (0..SHARDS).map(|_| RwLock::default()).collect(),
             users: (0..SHARDS).map(|_| RwLock::default()).collect(),
             devices: (0..SHARDS).map(|_| RwLock::default()).collect(),
             next_id: AtomicU64::new(1),
@@ -134,7 +145,10 @@ impl Hub {
         channels
             .into_iter()
             .filter(|channel| {
-                remove_from(&self.channels[name_shard(channel)], channel, client.id())
+                let shard = name_shard(channel);
+                let live_empty = remove_from(&self.channels[shard], channel, client.id());
+                let held_empty = remove_from(&self.held[shard], channel, client.id());
+                (live_empty || held_empty) && !self.has_subscribers(channel)
             })
             .collect()
     }
@@ -216,6 +230,54 @@ impl Hub {
     }
 
     pub fn subscribe(&self, client: &ClientHandle, channel: &str) -> SubscribeOutcome {
+        self.subscribe_into(&self.channels, client, channel)
+    }
+
+    /// Subscribes `client` to `channel` without live publications reaching it yet:
+    /// it counts as a subscriber (for interest, counts, unsubscribe and removal), and
+    /// [`Hub::release`] makes it live.
+    pub fn subscribe_held(&self, client: &ClientHandle, channel: &str) -> SubscribeOutcome {
+        self.subscribe_into(&self.held, client, channel)
+    }
+
+    /// Lets live publications of `channel` reach a held subscriber. False when it is
+    /// not held (unsubscribed or gone meanwhile).
+    pub fn release(&self, client: &ClientHandle, channel: &str) -> bool {
+        let own = client.channels();
+        let shard = name_shard(channel);
+        let mut held = write(&self.held[shard]);
+        let Some(subscribers) = held.get_mut(channel) else {
+            return false;
+        };
+        let Some(handle) = subscribers.remove(&client.id()) else {
+            return false;
+        };
+        if subscribers.is_empty() {
+            held.remove(channel);
+        }
+        let key = own
+            .get(channel)
+            .map_or_else(|| Arc::from(channel), Arc::clone);
+        write(&self.channels[shard])
+            .entry(key)
+            .or_default()
+            .insert(client.id(), handle);
+        true
+    }
+
+    /// Whether `client` is a held subscriber of `channel`.
+    pub fn is_held(&self, client: &ClientHandle, channel: &str) -> bool {
+        read(&self.held[name_shard(channel)])
+            .get(channel)
+            .is_some_and(|subscribers| subscribers.contains_key(&client.id()))
+    }
+
+    fn subscribe_into(
+        &self,
+        index: &[NameShard],
+        client: &ClientHandle,
+        channel: &str,
+    ) -> SubscribeOutcome {
         // Lock order everywhere: the client's own set, then the channel shard.
         let mut own = client.channels();
         if own.contains(channel) {
@@ -224,11 +286,12 @@ impl Hub {
                 first_on_node: false,
             };
         }
-        let mut shard = write(&self.channels[name_shard(channel)]);
+        let first_on_node = !self.has_subscribers(channel);
+        let mut shard = write(&index[name_shard(channel)]);
         // Reuse the index's key so every subscriber set shares one allocation per name.
-        let (key, first_on_node) = match shard.get_key_value(channel) {
-            Some((key, _)) => (Arc::clone(key), false),
-            None => (Arc::from(channel), true),
+        let key = match shard.get_key_value(channel) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(channel),
         };
         shard
             .entry(Arc::clone(&key))
@@ -249,7 +312,10 @@ impl Hub {
                 last_on_node: false,
             };
         }
-        let last_on_node = remove_from(&self.channels[name_shard(channel)], channel, client.id());
+        let shard = name_shard(channel);
+        remove_from(&self.channels[shard], channel, client.id());
+        remove_from(&self.held[shard], channel, client.id());
+        let last_on_node = !self.has_subscribers(channel);
         drop(own);
         UnsubscribeOutcome {
             removed: true,
@@ -259,27 +325,27 @@ impl Hub {
 
     /// Whether any client on this node is subscribed to `channel`.
     pub fn has_subscribers(&self, channel: &str) -> bool {
-        read(&self.channels[name_shard(channel)]).contains_key(channel)
+        let shard = name_shard(channel);
+        read(&self.channels[shard]).contains_key(channel)
+            || read(&self.held[shard]).contains_key(channel)
     }
 
-    /// Number of subscribers of `channel` on this node.
+    /// Number of subscribers of `channel` on this node, held ones included.
     pub fn subscriber_count(&self, channel: &str) -> usize {
-        read(&self.channels[name_shard(channel)])
-            .get(channel)
-            .map_or(0, HashMap::len)
+        let shard = name_shard(channel);
+        let count = |index: &NameShard| read(index).get(channel).map_or(0, HashMap::len);
+        count(&self.channels[shard]) + count(&self.held[shard])
     }
 
     /// Every channel with a subscriber on this node, and how many it has.
     pub fn channel_counts(&self) -> Vec<(Arc<str>, usize)> {
-        self.channels
-            .iter()
-            .flat_map(|shard| {
-                read(shard)
-                    .iter()
-                    .map(|(channel, subscribers)| (Arc::clone(channel), subscribers.len()))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
+        for shard in self.channels.iter().chain(self.held.iter()) {
+            for (channel, subscribers) in read(shard).iter() {
+                *counts.entry(Arc::clone(channel)).or_default() += subscribers.len();
+            }
+        }
+        counts.into_iter().collect()
     }
 
     /// Calls `f` for every registered client, e.g. to say goodbye at shutdown.
@@ -342,7 +408,7 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::Outgoing;
+    use crate::client::{Outgoing, SendError};
 
     fn hub(budget: usize) -> Hub {
         Hub::new(budget, Arc::new(NoEvents))
@@ -448,6 +514,115 @@ mod tests {
         assert!(hub.clients_of_device("phone").is_empty());
         hub.remove(&laptop);
         assert!(hub.clients_of_user("alice").is_empty());
+    }
+
+    /// Builds `sys.gap`-like notices so the policies can be watched.
+    struct Gaps;
+    impl HubEvents for Gaps {
+        fn gap(&self, channel: &str, dropped: &Dropped) -> Option<Frame> {
+            Some(Frame::from(format!(
+                "gap {channel} {} {}..{}",
+                dropped.messages, dropped.from_offset, dropped.to_offset
+            )))
+        }
+    }
+
+    fn tagged(channel: &str, offset: u64, overflow: crate::Overflow, text: &str) -> Frame {
+        Frame::tagged(
+            text.to_owned(),
+            crate::Tag {
+                channel: Arc::from(channel),
+                offset,
+                overflow,
+            },
+        )
+    }
+
+    fn drain(outbox: &mut Outbox) -> Vec<String> {
+        std::iter::from_fn(|| outbox.try_next())
+            .map(|frame| frame.as_str().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_and_says_what_went() {
+        let hub = Hub::new(500, Arc::new(Gaps));
+        let (client, mut outbox) = connect(&hub);
+        let body = |n: u64| format!("{n:0>100}");
+        for n in 1..=5 {
+            client
+                .send(tagged("a", n, crate::Overflow::DropOldest, &body(n)))
+                .expect("fits");
+        }
+        client
+            .send(tagged("a", 6, crate::Overflow::DropOldest, &body(6)))
+            .expect("room made");
+        // The oldest went, until the new one and a notice fit.
+        assert_eq!(
+            drain(&mut outbox),
+            [body(4), body(5), "gap a 3 1..3".to_owned(), body(6)]
+        );
+        assert_eq!(client.closing(), None);
+    }
+
+    #[test]
+    fn latest_keeps_only_the_newest_of_its_channel() {
+        let hub = Hub::new(300, Arc::new(Gaps));
+        let (client, mut outbox) = connect(&hub);
+        let body = |n: u64| format!("{n:0>100}");
+        client
+            .send(tagged("other", 0, crate::Overflow::Disconnect, &body(0)))
+            .expect("fits");
+        for n in 1..=4 {
+            client
+                .send(tagged("l", n, crate::Overflow::Latest, &body(n)))
+                .expect("room made");
+        }
+        assert_eq!(
+            drain(&mut outbox),
+            [
+                body(0),
+                "gap l 2 1..2".to_owned(),
+                "gap l 1 3..3".to_owned(),
+                body(4)
+            ],
+            "other channels are untouched"
+        );
+        assert_eq!(client.closing(), None);
+    }
+
+    #[test]
+    fn a_policy_that_cannot_make_room_closes_the_client() {
+        let hub = Hub::new(300, Arc::new(Gaps));
+        let (client, _outbox) = connect(&hub);
+        client
+            .send(tagged("x", 0, crate::Overflow::Disconnect, &"y".repeat(250)))
+            .expect("fits");
+        assert_eq!(
+            client.send(tagged("d", 1, crate::Overflow::DropOldest, &"z".repeat(100))),
+            Err(SendError::OverBudget),
+            "nothing of its channel to drop"
+        );
+        assert_eq!(client.closing(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn a_held_subscriber_gets_nothing_until_released() {
+        let hub = hub(1 << 16);
+        let (client, mut outbox) = connect(&hub);
+        assert!(hub.subscribe_held(&client, "h").first_on_node);
+        assert!(hub.has_subscribers("h"));
+        assert_eq!(hub.subscriber_count("h"), 1);
+        assert_eq!(hub.publish("h", &Frame::from_static("early")), 0);
+        assert!(hub.is_held(&client, "h"));
+        assert!(hub.release(&client, "h"));
+        assert!(!hub.release(&client, "h"), "released once");
+        assert_eq!(hub.publish("h", &Frame::from_static("live")), 1);
+        assert_eq!(outbox.next().await, Outgoing::Frame(Frame::from_static("live")));
+        assert!(hub.unsubscribe(&client, "h").last_on_node);
+        hub.subscribe_held(&client, "g");
+        assert_eq!(hub.remove(&client), vec![Arc::<str>::from("g")]);
+        assert!(!hub.has_subscribers("g"));
     }
 
     #[tokio::test]

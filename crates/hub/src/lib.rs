@@ -9,6 +9,8 @@ mod client;
 mod frame;
 mod hub;
 
-pub use client::{ClientHandle, ClientId, CloseReason, Identity, Outbox, Outgoing, SendError};
-pub use frame::Frame;
+pub use client::{
+    ClientHandle, ClientId, CloseReason, Dropped, Identity, Outbox, Outgoing, SendError,
+};
+pub use frame::{Frame, Overflow, Tag};
 pub use hub::{Hub, HubEvents, NoEvents, SubscribeOutcome, UnsubscribeOutcome};

@@ -8,6 +8,7 @@
 //! u16 header length H: the bytes from here up to the payload
 //!     u128 id | u64 origin timestamp (ms) | u8 kind
 //!     u8 origin length | origin | u16 target length | target
+//!     u8 flags | [u64 offset | u8 epoch length | epoch] (flag 1: a position)
 //!     ... fields added by later versions, skipped by older readers ...
 //! payload: the rest (the notification, UTF-8 JSON)
 //! ```
@@ -133,6 +134,9 @@ pub struct Envelope {
     pub target: String,
     /// The serialised notification, delivered to clients as is.
     pub payload: Bytes,
+    /// A history channel's publication: its offset and epoch, so that every replica
+    /// delivers the channel in offset order.
+    pub position: Option<(u64, String)>,
 }
 
 impl Envelope {
@@ -146,7 +150,17 @@ impl Envelope {
             field: "target",
             max: u16::MAX.into(),
         })?;
-        let header_len = FIXED_HEADER + self.origin.len() + self.target.len();
+        let position_len = match &self.position {
+            Some((_, epoch)) => {
+                u8::try_from(epoch.len()).map_err(|_| EnvelopeError::TooLong {
+                    field: "epoch",
+                    max: u8::MAX.into(),
+                })?;
+                1 + 8 + 1 + epoch.len()
+            }
+            None => 1,
+        };
+        let header_len = FIXED_HEADER + self.origin.len() + self.target.len() + position_len;
         let header_len_u16 = u16::try_from(header_len).map_err(|_| EnvelopeError::TooLong {
             field: "header",
             max: u16::MAX.into(),
@@ -161,6 +175,13 @@ impl Envelope {
         out.put_slice(self.origin.as_bytes());
         out.put_u16(target_len);
         out.put_slice(self.target.as_bytes());
+        out.put_u8(u8::from(self.position.is_some()));
+        if let Some((offset, epoch)) = &self.position {
+            out.put_u64(*offset);
+            // Checked above to fit.
+            out.put_u8(epoch.len() as u8);
+            out.put_slice(epoch.as_bytes());
+        }
         out.put_slice(&self.payload);
         Ok(out.freeze())
     }
@@ -184,6 +205,15 @@ impl Envelope {
         let origin = reader.string(origin_len)?;
         let target_len = usize::from(reader.u16()?);
         let target = reader.string(target_len)?;
+        // Envelopes of the first release end here; later ones carry flags.
+        let flags = if reader.at < header_end { reader.u8()? } else { 0 };
+        let position = if flags & 1 == 1 {
+            let offset = u64::from_be_bytes(reader.array()?);
+            let epoch_len = usize::from(reader.u8()?);
+            Some((offset, reader.string(epoch_len)?))
+        } else {
+            None
+        };
         if reader.at > header_end {
             return Err(EnvelopeError::Truncated);
         }
@@ -194,6 +224,7 @@ impl Envelope {
             kind,
             target,
             payload: bytes.slice(header_end..),
+            position,
         })
     }
 }
@@ -257,12 +288,23 @@ mod tests {
             kind: Kind::Channel,
             target: "items:42".into(),
             payload: Bytes::from_static(br#"{"jsonrpc":"2.0","method":"message"}"#),
+            position: None,
         }
     }
 
     #[test]
     fn round_trips() {
         let envelope = sample();
+        let bytes = envelope.encode().expect("encodes");
+        assert_eq!(Envelope::decode(&bytes), Ok(envelope));
+    }
+
+    #[test]
+    fn a_position_round_trips() {
+        let envelope = Envelope {
+            position: Some((42, "a1b2c3d4e5f60718".into())),
+            ..sample()
+        };
         let bytes = envelope.encode().expect("encodes");
         assert_eq!(Envelope::decode(&bytes), Ok(envelope));
     }

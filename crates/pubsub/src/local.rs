@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::history::memory::MemoryHistory;
 use crate::presence::memory::MemoryPresence;
 use crate::{Backbone, Held, Incoming, PubsubError, held};
 
@@ -31,6 +32,7 @@ pub struct LocalBus {
     state: Arc<Mutex<BusState>>,
     connected: Arc<AtomicBool>,
     presence: MemoryPresence,
+    history: MemoryHistory,
 }
 
 impl std::fmt::Debug for LocalBus {
@@ -51,7 +53,13 @@ impl LocalBus {
             state: Arc::default(),
             connected: Arc::new(AtomicBool::new(true)),
             presence: MemoryPresence::new(),
+            history: MemoryHistory::new(),
         }
+    }
+
+    /// The history store every replica on this bus shares.
+    pub fn history(&self) -> MemoryHistory {
+        self.history.clone()
     }
 
     /// The presence store every replica on this bus shares.

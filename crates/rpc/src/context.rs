@@ -168,6 +168,10 @@ impl OwnedContext {
 /// beside its reads and writes. It must not borrow the request.
 pub type Later = Pin<Box<dyn Future<Output = Result<Reply<'static>, RpcError>> + Send>>;
 
+/// Work to do once a reply is queued for the client, e.g. letting live publications
+/// of a channel reach a client only after the reply that recovered the earlier ones.
+pub type Effect = Box<dyn FnOnce() + Send>;
+
 /// A successful result, or the promise of one.
 pub enum Reply<'p> {
     /// JSON taken from the request as is (e.g. `self.reply` echoing params).
@@ -179,6 +183,9 @@ pub enum Reply<'p> {
     Text(String),
     /// Answered when the future completes.
     Later(Later),
+    /// A result (of a deferred call), and what to do once it is queued: whatever the
+    /// reply becomes (even cut for size), the effect runs after it.
+    Then(Box<Reply<'p>>, Effect),
 }
 
 impl std::fmt::Debug for Reply<'_> {
@@ -189,6 +196,7 @@ impl std::fmt::Debug for Reply<'_> {
             Self::Json(value) => f.debug_tuple("Json").field(value).finish(),
             Self::Text(text) => f.debug_tuple("Text").field(text).finish(),
             Self::Later(_) => f.write_str("Later"),
+            Self::Then(reply, _) => f.debug_tuple("Then").field(reply).finish(),
         }
     }
 }
@@ -208,9 +216,23 @@ impl Reply<'_> {
             Self::Static(text) => Reply::Static(text),
             Self::Json(value) => Reply::Json(value),
             Self::Text(text) => Reply::Text(text),
+            Self::Then(reply, effect) => Reply::Then(Box::new(reply.into_owned()?), effect),
             // A deferred result must be an answer, not another promise.
             Self::Later(_) => return Err(RpcError::new(ErrorCode::Internal)),
         })
+    }
+
+    /// This reply, then `effect` once it is queued.
+    pub fn then(self, effect: Effect) -> Self {
+        Self::Then(Box::new(self), effect)
+    }
+
+    /// Takes the effect out, leaving the plain reply.
+    pub(crate) fn split(self) -> (Self, Option<Effect>) {
+        match self {
+            Self::Then(reply, effect) => (*reply, Some(effect)),
+            other => (other, None),
+        }
     }
 }
 

@@ -166,6 +166,19 @@ impl RpcError {
             .data(serde_json::json!({ "channel": channel, "reason": "presence not enabled" }))
     }
 
+    /// `-32004` for history on a channel whose namespace keeps none.
+    pub fn history_not_enabled(channel: &str) -> Self {
+        Self::with_detail(ErrorCode::NotFound, "history not enabled for this channel")
+            .data(serde_json::json!({ "channel": channel, "reason": "history not enabled" }))
+    }
+
+    /// `-32053` when the history store cannot take a publication: nothing was
+    /// delivered.
+    pub fn history_unavailable(why: impl std::fmt::Display) -> Self {
+        Self::with_detail(ErrorCode::Unavailable, format!("history store unavailable: {why}"))
+            .data(serde_json::json!({ "delivered": "none" }))
+    }
+
     /// `-32053` when the presence store cannot answer.
     pub fn presence_unavailable(why: impl std::fmt::Display) -> Self {
         Self::with_detail(

@@ -20,11 +20,14 @@ mod response;
 mod router;
 
 pub use context::{
-    CallOutcome, CallRecord, Caller, Context, Later, NoObserver, Observer, Reply, Services,
+    CallOutcome, CallRecord, Caller, Context, Effect, Later, NoObserver, Observer, Reply, Services,
 };
 pub use error::{ErrorCode, RpcError};
 pub use method::{Access, Method};
-pub use node::{Delivery, Node, NodeFuture, Subscribed, Targets};
+pub use node::{
+    Delivery, HistoryPage, HistoryQuery, Kept, Node, NodeFuture, Published, Recovery,
+    StreamPosition, Subscribed, Targets,
+};
 pub use params::{Params, validate_channel};
 pub use request::{Call, Entry, Message, parse, parse_with_limit};
-pub use router::{Handled, LaterMessage, Router};
+pub use router::{Answer, Handled, LaterMessage, Router};

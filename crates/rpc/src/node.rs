@@ -8,6 +8,9 @@ use std::pin::Pin;
 use chorus_gate::Pattern;
 use chorus_hub::{ClientHandle, Frame};
 
+use serde_json::value::RawValue;
+
+use crate::context::Effect;
 use crate::error::{ErrorCode, RpcError};
 
 /// How far a delivery got.
@@ -17,6 +20,68 @@ pub enum Delivery {
     Cluster,
     /// Delivered on this replica only: the backbone is down (answered with -32053).
     LocalOnly,
+}
+
+/// Where a history channel stands: the offset of its newest publication in an epoch.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamPosition {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// One publication of a history channel: its offset and its `data` (JSON text).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub offset: u64,
+    pub data: bytes::Bytes,
+}
+
+/// What `subscribe` to a history channel answers.
+pub struct Recovery {
+    /// The offset the client is at once the reply is read: live publications follow it.
+    pub position: StreamPosition,
+    /// Whether `publications` are every publication after the client's `since`.
+    pub recovered: bool,
+    pub publications: Vec<Kept>,
+    /// Lets live publications reach the client; run once the reply is queued.
+    pub join: Effect,
+}
+
+/// What a publish did.
+pub enum Published {
+    /// Delivered (as far as the `Delivery` says).
+    Now(Delivery),
+    /// Decided by a store first (history, idempotency): the publication's position
+    /// on a history channel, `None` on a channel without history.
+    Later(NodeFuture<Option<StreamPosition>>),
+}
+
+impl std::fmt::Debug for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Now(delivery) => f.debug_tuple("Now").field(delivery).finish(),
+            Self::Later(_) => f.write_str("Later"),
+        }
+    }
+}
+
+/// Which publications `history` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryQuery {
+    pub since: Option<StreamPosition>,
+    pub limit: usize,
+    pub reverse: bool,
+    /// Most bytes of `data` the page may hold (half the caller's reply budget).
+    pub max_bytes: usize,
+}
+
+/// A page of history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub publications: Vec<Kept>,
+    pub position: StreamPosition,
+    /// The page was cut at `max_bytes`.
+    pub truncated: bool,
 }
 
 /// Where a new subscription stands.
@@ -29,6 +94,8 @@ pub enum Subscribed {
     /// The backbone subscription is being taken; resolves to true once it is held,
     /// false when the backbone could not confirm it (then as `LocalOnly`).
     Pending(Pin<Box<dyn Future<Output = bool> + Send>>),
+    /// A history channel: its position, and what was recovered.
+    History(NodeFuture<Recovery>),
 }
 
 impl std::fmt::Debug for Subscribed {
@@ -37,6 +104,7 @@ impl std::fmt::Debug for Subscribed {
             Self::Cluster => f.write_str("Cluster"),
             Self::LocalOnly => f.write_str("LocalOnly"),
             Self::Pending(_) => f.write_str("Pending"),
+            Self::History(_) => f.write_str("History"),
         }
     }
 }
@@ -71,12 +139,31 @@ pub trait Node: Send + Sync + 'static {
     /// Sends `frame` to every client of every replica, the caller included.
     fn broadcast(&self, frame: Frame) -> Delivery;
 
-    /// Sends `frame` to every subscriber of `channel` on every replica.
-    fn publish(&self, channel: &str, frame: Frame) -> Delivery;
+    /// Sends `data` as the `message` notification to every subscriber of `channel` on
+    /// every replica; on a history channel, with its offset, in offset order. An
+    /// `idempotency_key` used on the channel within the replica's idempotency time
+    /// delivers nothing and answers as the first publish did.
+    fn publish(&self, channel: &str, data: &RawValue, idempotency_key: Option<&str>) -> Published;
 
-    /// Subscribes `client` to `channel` on this replica at once, and makes sure the
-    /// replica receives the channel's publications from the others.
-    fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed;
+    /// Subscribes `client` to `channel` on this replica, and makes sure the replica
+    /// receives the channel's publications from the others. On a history channel,
+    /// `since` asks for the publications after it.
+    fn subscribe(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Subscribed;
+
+    /// Whether `channel`'s namespace keeps history.
+    fn keeps_history(&self, _channel: &str) -> bool {
+        false
+    }
+
+    /// A page of `channel`'s history.
+    fn history(&self, _channel: &str, _query: HistoryQuery) -> NodeFuture<HistoryPage> {
+        not_here()
+    }
 
     /// Unsubscribes `client` from `channel`; false when it was not subscribed.
     fn unsubscribe(&self, client: &ClientHandle, channel: &str) -> bool;

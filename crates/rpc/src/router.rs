@@ -10,7 +10,7 @@ use chorus_gate::RequestVerdict;
 use futures_util::future::join_all;
 use serde_json::value::RawValue;
 
-use crate::context::{CallOutcome, CallRecord, Context, Observer, Reply};
+use crate::context::{CallOutcome, CallRecord, Context, Effect, Observer, Reply};
 use crate::error::{ErrorCode, RpcError};
 use crate::method::{Handler, Method};
 use crate::params::Params;
@@ -22,9 +22,27 @@ const INVALID: &str = "invalid";
 /// Method label for names nobody registered (kept bounded for metrics).
 const UNKNOWN: &str = "unknown";
 
-/// A reply that is not ready yet. Resolves to the reply text, or `None` when nothing
-/// is owed after all (notifications only).
-pub type LaterMessage = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+/// A reply that is not ready yet.
+pub type LaterMessage = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// What a deferred message comes to: the reply text (`None` when nothing is owed after
+/// all: notifications only), and what to do once it is queued.
+pub struct Answer {
+    pub text: Option<String>,
+    pub effects: Vec<Effect>,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("text", &self.text)
+            .field("effects", &self.effects.len())
+            .finish()
+    }
+}
+
+/// One deferred call's response and effect.
+type LaterPiece = Pin<Box<dyn Future<Output = (Option<String>, Option<Effect>)> + Send>>;
 
 /// What became of one inbound message.
 pub enum Handled {
@@ -54,7 +72,7 @@ enum Piece {
     /// A notification: nothing owed.
     None,
     Now(String),
-    Later(LaterMessage),
+    Later(LaterPiece),
 }
 
 /// Method names to handlers, sorted by name: a binary search over a dozen names is
@@ -115,7 +133,16 @@ impl Router {
                 Err(Flooding) => Handled::Flooding,
                 Ok(Piece::None) => Handled::Nothing,
                 Ok(Piece::Now(text)) => Handled::Now(text),
-                Ok(Piece::Later(reply)) => Handled::Later { reply, calls: 1 },
+                Ok(Piece::Later(reply)) => Handled::Later {
+                    reply: Box::pin(async move {
+                        let (text, effect) = reply.await;
+                        Answer {
+                            text,
+                            effects: effect.into_iter().collect(),
+                        }
+                    }),
+                    calls: 1,
+                },
             },
             Message::Batch(entries) => {
                 let mut pieces = Vec::with_capacity(entries.len());
@@ -205,6 +232,14 @@ impl Router {
                 )),
             ),
         };
+        let result = match result {
+            // An effect needs the deferred path, which runs it after the reply.
+            Ok(reply @ Reply::Then(..)) => match reply.into_owned() {
+                Ok(owned) => Ok(Reply::later(std::future::ready(Ok(owned)))),
+                Err(error) => Err(error),
+            },
+            other => other,
+        };
         let reply = match result {
             Ok(Reply::Later(later)) => {
                 let id: Option<Box<RawValue>> = call.id.map(RawValue::to_owned);
@@ -217,14 +252,24 @@ impl Router {
                         outcome: outcome(&result),
                         elapsed: started.elapsed(),
                     });
-                    let id = id?;
+                    let (result, effect) = match result {
+                        Ok(reply) => {
+                            let (reply, effect) = reply.split();
+                            (Ok(reply), effect)
+                        }
+                        Err(error) => (Err(error), None),
+                    };
+                    let Some(id) = id else {
+                        return (None, effect);
+                    };
                     let text = response_text(Some(&id), result);
-                    Some(if text.len() > limit {
+                    let text = if text.len() > limit {
                         observer.reply_cut();
                         error_text(Some(&id), &RpcError::reply_too_large(limit))
                     } else {
                         text
-                    })
+                    };
+                    (Some(text), effect)
                 }));
             }
             now => now,
@@ -304,7 +349,10 @@ fn batch(pieces: Vec<Piece>, limit: usize, observer: &Arc<dyn Observer>) -> Hand
             }
         }
         let mut used: usize = ready.iter().map(|text| text.len() + 1).sum();
-        for text in join_all(later).await.into_iter().flatten() {
+        let mut effects = Vec::new();
+        for (text, effect) in join_all(later).await {
+            effects.extend(effect);
+            let Some(text) = text else { continue };
             if used + text.len() < limit {
                 used += text.len() + 1;
                 ready.push(text);
@@ -313,7 +361,10 @@ fn batch(pieces: Vec<Piece>, limit: usize, observer: &Arc<dyn Observer>) -> Hand
                 ready.push(cut_text(&text, limit));
             }
         }
-        (!ready.is_empty()).then(|| join(&ready))
+        Answer {
+            text: (!ready.is_empty()).then(|| join(&ready)),
+            effects,
+        }
     });
     Handled::Later { reply, calls }
 }

@@ -80,7 +80,13 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body>
     };
     let reply = match app.api_router.handle(text, &cx) {
         chorus_rpc::Handled::Now(reply) => Some(reply),
-        chorus_rpc::Handled::Later { reply, .. } => reply.await,
+        chorus_rpc::Handled::Later { reply, .. } => {
+            let answer = reply.await;
+            for effect in answer.effects {
+                effect();
+            }
+            answer.text
+        }
         // No budget limits the server API, so it cannot flood.
         chorus_rpc::Handled::Nothing | chorus_rpc::Handled::Flooding => None,
     };

@@ -10,6 +10,8 @@ use chorus_gate::{AuthConfig, Gate, GateConfig, IpLimits, IpSlot, Jwks, JwtConfi
 use chorus_hub::{CloseReason, Hub};
 use chorus_pubsub::local::LocalBus;
 use chorus_pubsub::nats::NatsBackbone;
+use chorus_pubsub::history::HistoryStore;
+use chorus_pubsub::history::memory::MemoryHistory;
 use chorus_pubsub::now_ms;
 use chorus_pubsub::presence::PresenceStore;
 use chorus_pubsub::presence::memory::MemoryPresence;
@@ -26,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{Backbone, Config};
 use crate::http_client::{HttpClient, JwksSource};
+use crate::history::Histories;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::node::{ClusterNode, NodeParts, Topics};
@@ -228,6 +231,12 @@ pub async fn start_with_bus(
     )?);
     let hub = Arc::new(Hub::new(config.transport.send_buffer, metrics.clone()));
     let store = presence_store(&config, bus.as_ref()).await?;
+    let history = Arc::new(Histories::new(
+        history_store(&config, bus.as_ref()).await?,
+        config.history.recovery_max,
+        config.history.idempotency_ttl,
+        metrics.history.clone(),
+    ));
     let backbone = connect_backbone(&config, bus).await?;
     if let Some((backbone, _)) = &backbone {
         tracing::info!(
@@ -269,6 +278,7 @@ pub async fn start_with_bus(
         presence: Box::new(move |effects| {
             Presence::start(store, settings, lifecycle, presence_errors, effects)
         }),
+        history,
     });
     let gate = Arc::new(Gate::new(gate_config(&config, &http)));
     let ip_limits = IpLimits::new(gate.limits());
@@ -385,6 +395,19 @@ async fn presence_store(
         Backbone::Nats { url } => {
             Arc::new(NatsPresence::connect(url, prefix).await.map_err(failed)?)
         }
+    })
+}
+
+/// The history store that goes with the configured backbone.
+async fn history_store(
+    config: &Config,
+    bus: Option<&LocalBus>,
+) -> Result<Arc<dyn HistoryStore>, StartError> {
+    Ok(match &config.cluster.backbone {
+        Backbone::Standalone => Arc::new(MemoryHistory::new()),
+        Backbone::Local => Arc::new(bus.map_or_else(MemoryHistory::new, LocalBus::history)),
+        // TEMPORARY until the Redis and NATS history stores land.
+        Backbone::Redis { .. } | Backbone::Nats { .. } => Arc::new(MemoryHistory::new()),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 mod connection;
+pub mod history;
 mod http;
 mod http_client;
 pub mod lifecycle;

@@ -86,6 +86,9 @@ pub struct Metrics {
     /// Lifecycle events by event, in the order of [`crate::lifecycle::Event::ALL`].
     pub lifecycle_events: Vec<IntCounter>,
     pub webhook: crate::webhook::WebhookMetrics,
+    pub history: crate::history::HistoryMetrics,
+    /// Messages a channel's delivery policy dropped from a client's queue.
+    pub policy_drops: IntCounter,
     /// Sorted by method name: found by binary search, without hashing every call's name.
     methods: Vec<(&'static str, MethodSeries)>,
 }
@@ -272,6 +275,39 @@ impl Metrics {
             "Lifecycle events waiting to be POSTed to the webhook",
         )?;
         registry.register(Box::new(webhook_queued.clone()))?;
+        let reads = IntCounterVec::new(
+            Opts::new(
+                "ws_history_reads_total",
+                "History store reads: recovery (one per channel at a time serves every \
+                 client recovering it), gap (publications the backbone did not bring), \
+                 history (the history method)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(reads.clone()))?;
+        let recoveries = IntCounterVec::new(
+            Opts::new(
+                "ws_recoveries_total",
+                "subscribe with since: recovered from this replica's memory, recovered \
+                 from the store, or not recovered (too far back, another epoch, too large)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(recoveries.clone()))?;
+        let history = crate::history::HistoryMetrics {
+            reads: ["recovery", "gap", "history"].map(|reason| reads.with_label_values(&[reason])),
+            recoveries: ["memory", "store", "not_recovered"]
+                .map(|outcome| recoveries.with_label_values(&[outcome])),
+            errors: counter(
+                "ws_history_errors_total",
+                "History store calls that failed (unreachable, timed out, refused)",
+            )?,
+        };
+        let policy_drops = counter(
+            "ws_delivery_policy_drops_total",
+            "Queued messages a channel's delivery policy (drop_oldest, latest) dropped \
+             for a client that fell behind, instead of disconnecting it",
+        )?;
         let webhook = crate::webhook::WebhookMetrics {
             sent: counter(
                 "ws_webhook_sent_total",
@@ -312,6 +348,8 @@ impl Metrics {
             presence_errors,
             lifecycle_events,
             webhook,
+            history,
+            policy_drops,
             methods: method_series,
         })
     }
@@ -368,6 +406,16 @@ impl Metrics {
 }
 
 impl HubEvents for Metrics {
+    fn gap(&self, channel: &str, dropped: &chorus_hub::Dropped) -> Option<chorus_hub::Frame> {
+        self.policy_drops.inc_by(dropped.messages);
+        let params = if dropped.from_offset > 0 {
+            serde_json::json!({"channel": channel, "from_offset": dropped.from_offset, "to_offset": dropped.to_offset})
+        } else {
+            serde_json::json!({"channel": channel, "dropped": dropped.messages})
+        };
+        Some(chorus_rpc::notification::value("sys.gap", &params))
+    }
+
     fn slow_consumer(&self, client: ClientId) {
         self.slow_consumer_drops.inc();
         tracing::debug!(
@@ -411,6 +459,10 @@ mod tests {
             "ws_webhook_dropped_total{reason=\"queue_full\"}",
             "ws_webhook_dropped_total{reason=\"refused\"}",
             "ws_webhook_queue",
+            "ws_history_reads_total{reason=\"recovery\"}",
+            "ws_recoveries_total{outcome=\"memory\"}",
+            "ws_history_errors_total",
+            "ws_delivery_policy_drops_total",
             "process_resident_memory_bytes",
             "process_open_fds",
             "process_cpu_seconds_total",

@@ -10,16 +10,22 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chorus_gate::{Namespaces, Pattern};
-use chorus_hub::{ClientHandle, ClientId, CloseReason, Frame, Hub};
+use chorus_gate::{DeliveryPolicy, Namespaces, Pattern};
+use chorus_hub::{ClientHandle, ClientId, CloseReason, Frame, Hub, Overflow, Tag};
+use chorus_pubsub::history::{Appended, Retention};
 use chorus_pubsub::presence::{Connection, Member, PresenceError, node_of_client};
 use chorus_pubsub::{Backbone, Envelope, Kind, MessageIds, RecentIds, now_ms};
-use chorus_rpc::{Delivery, Node, NodeFuture, RpcError, Subscribed, Targets, notification};
+use chorus_rpc::{
+    Delivery, HistoryPage, HistoryQuery, Node, NodeFuture, Published, Recovery, RpcError,
+    StreamPosition, Subscribed, Targets, notification,
+};
+use serde_json::value::RawValue;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::history::{Entry, GAP_WAIT, Histories, data_of, message_frame};
 use crate::lifecycle::{Reason, rfc3339};
 use crate::metrics::{BackboneSnapshot, PubsubMetrics};
 use crate::presence::{Effects, Presence, timed};
@@ -233,6 +239,7 @@ pub struct NodeParts {
     pub namespaces: Namespaces,
     /// Starts presence for the node (given as the effects presence needs).
     pub presence: Box<dyn FnOnce(Weak<dyn Effects>) -> Arc<Presence> + Send>,
+    pub history: Arc<Histories>,
 }
 
 /// The replica: hub, presence, and (optionally) a backbone.
@@ -248,6 +255,7 @@ pub struct ClusterNode {
     confirmations: Confirmations,
     namespaces: Namespaces,
     presence: Arc<Presence>,
+    history: Arc<Histories>,
     /// Each local client as a channel member (who it is, its token's `info`).
     members: Mutex<HashMap<ClientId, Member>>,
     /// Milliseconds since `started` when an envelope from another process with this
@@ -277,6 +285,7 @@ impl ClusterNode {
             metrics,
             namespaces,
             presence,
+            history,
         } = parts;
         let (backbone, incoming) = backbone.map_or((None, None), |(b, rx)| (Some(b), Some(rx)));
         let node = Arc::new_cyclic(|me: &Weak<Self>| {
@@ -292,6 +301,7 @@ impl ClusterNode {
                 confirmations: Confirmations::new(),
                 namespaces,
                 presence: presence(effects),
+                history,
                 members: Mutex::default(),
                 twin_seen_ms: AtomicU64::new(0),
                 started: Instant::now(),
@@ -316,7 +326,140 @@ impl ClusterNode {
             ));
             tokio::spawn(heartbeat(Arc::downgrade(&node)));
         }
+        tokio::spawn(fill_gaps(Arc::downgrade(&node)));
         node
+    }
+
+    pub fn history(&self) -> &Histories {
+        &self.history
+    }
+
+    /// The overflow policy of `channel`'s namespace, for its frames.
+    fn overflow(&self, channel: &str) -> Overflow {
+        match self.namespaces.of(channel).delivery {
+            DeliveryPolicy::Disconnect => Overflow::Disconnect,
+            DeliveryPolicy::DropOldest => Overflow::DropOldest,
+            DeliveryPolicy::Latest => Overflow::Latest,
+        }
+    }
+
+    /// `channel`'s retention, from its namespace.
+    fn retention(&self, channel: &str) -> Retention {
+        let options = self.namespaces.of(channel);
+        Retention {
+            size: options.history_size,
+            ttl: options.history_ttl,
+        }
+    }
+
+    /// Tags a channel's frame with its overflow policy, when that is not the default.
+    fn tagged(&self, channel: &str, frame: Frame) -> Frame {
+        match self.overflow(channel) {
+            Overflow::Disconnect => frame,
+            overflow => frame.with_tag(Tag {
+                channel: Arc::from(channel),
+                offset: 0,
+                overflow,
+            }),
+        }
+    }
+
+    /// Sends a frame to `channel`'s subscribers here and on every replica (no
+    /// history, no order beyond the backbone's).
+    fn publish_frame(&self, channel: &str, frame: Frame) -> Delivery {
+        let frame = self.tagged(channel, frame);
+        self.hub.publish(channel, &frame);
+        if self.backbone.is_none() {
+            return Delivery::Cluster;
+        }
+        let envelope = self.envelope(Kind::Channel, channel.to_owned(), frame.as_bytes().clone());
+        self.send_to_cluster(&envelope, &[self.topics.channel(channel)])
+    }
+
+    /// A history channel's publication: the store gives it its offset, then it is
+    /// delivered here in order and sent to the others with its position.
+    fn publish_history(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        idempotency_key: Option<&str>,
+    ) -> NodeFuture<Option<StreamPosition>> {
+        let me = self.me.clone();
+        let channel = channel.to_owned();
+        let data = Bytes::copy_from_slice(data.get().as_bytes());
+        let key = idempotency_key.map(str::to_owned);
+        let retention = self.retention(&channel);
+        let history = Arc::clone(&self.history);
+        Box::pin(async move {
+            let appended = history
+                .append(&channel, &data, retention, key.as_deref())
+                .await?;
+            let Appended { position, duplicate } = appended;
+            let answer = StreamPosition {
+                offset: position.offset,
+                epoch: position.epoch.clone(),
+            };
+            if duplicate {
+                return Ok(Some(answer));
+            }
+            let Some(node) = me.upgrade() else {
+                return Ok(Some(answer));
+            };
+            let frame = message_frame(&channel, position.offset, &data, node.overflow(&channel));
+            if node.backbone.is_some() {
+                let mut envelope =
+                    node.envelope(Kind::Channel, channel.clone(), frame.as_bytes().clone());
+                envelope.position = Some((position.offset, position.epoch.clone()));
+                if node.send_to_cluster(&envelope, &[node.topics.channel(&channel)])
+                    == Delivery::LocalOnly
+                {
+                    node.history.sequences().deliver(
+                        &node.hub,
+                        &channel,
+                        &position.epoch,
+                        Entry {
+                            offset: position.offset,
+                            data,
+                            frame,
+                        },
+                    );
+                    return Err(RpcError::delivered_locally());
+                }
+            }
+            node.history.sequences().deliver(
+                &node.hub,
+                &channel,
+                &position.epoch,
+                Entry {
+                    offset: position.offset,
+                    data,
+                    frame,
+                },
+            );
+            Ok(Some(answer))
+        })
+    }
+
+    /// A publication with an idempotency key on a channel without history: delivered
+    /// the first time the key is used within its time only.
+    fn publish_once(&self, channel: &str, data: &RawValue, key: &str) -> NodeFuture<Option<StreamPosition>> {
+        let me = self.me.clone();
+        let channel = channel.to_owned();
+        let key = key.to_owned();
+        let frame = notification::channel_message(&channel, data);
+        let history = Arc::clone(&self.history);
+        Box::pin(async move {
+            if !history.first_time(&channel, &key).await? {
+                return Ok(None);
+            }
+            let Some(node) = me.upgrade() else {
+                return Ok(None);
+            };
+            match node.publish_frame(&channel, frame) {
+                Delivery::Cluster => Ok(None),
+                Delivery::LocalOnly => Err(RpcError::delivered_locally()),
+            }
+        })
     }
 
     pub fn node_id(&self) -> &str {
@@ -401,7 +544,11 @@ impl ClusterNode {
     pub fn disconnect(&self, client: &ClientHandle, reason: Reason) {
         let channels = client.subscriptions();
         let member = lock(&self.members).remove(&client.id());
+        for channel in &channels {
+            self.history.sequences().forget(channel, client);
+        }
         for channel in self.hub.remove(client) {
+            self.history.sequences().unfollow(&channel);
             self.interest.mark(Interest::Channel(channel));
         }
         let identity = client.identity();
@@ -416,7 +563,7 @@ impl ClusterNode {
             if let Some(member) = &member
                 && self.namespaces.of(channel).join_leave
             {
-                self.publish(channel, join_leave("sys.leave", channel, member));
+                self.publish_frame(channel, join_leave("sys.leave", channel, member));
             }
         }
         self.presence
@@ -479,6 +626,7 @@ impl ClusterNode {
             kind,
             target,
             payload,
+            position: None,
         }
     }
 
@@ -673,7 +821,29 @@ impl ClusterNode {
                 None
             }
             Kind::Channel => {
-                self.hub.publish(&envelope.target, &frame);
+                let channel = envelope.target.as_str();
+                match (&envelope.position, data_of(&frame)) {
+                    (Some((offset, epoch)), Some(data)) => {
+                        let frame = frame.with_tag(Tag {
+                            channel: Arc::from(channel),
+                            offset: *offset,
+                            overflow: self.overflow(channel),
+                        });
+                        self.history.sequences().deliver(
+                            &self.hub,
+                            channel,
+                            epoch,
+                            Entry {
+                                offset: *offset,
+                                data,
+                                frame,
+                            },
+                        );
+                    }
+                    _ => {
+                        self.hub.publish(channel, &self.tagged(channel, frame.clone()));
+                    }
+                }
                 None
             }
             Kind::Direct => Some(DirectAction::Deliver),
@@ -781,21 +951,32 @@ impl Node for ClusterNode {
         self.send_to_cluster(&envelope, &[self.topics.broadcast().to_owned()])
     }
 
-    fn publish(&self, channel: &str, frame: Frame) -> Delivery {
-        self.hub.publish(channel, &frame);
-        if self.backbone.is_none() {
-            return Delivery::Cluster;
+    fn publish(&self, channel: &str, data: &RawValue, idempotency_key: Option<&str>) -> Published {
+        if self.namespaces.of(channel).history_size > 0 {
+            return Published::Later(self.publish_history(channel, data, idempotency_key));
         }
-        let envelope = self.envelope(Kind::Channel, channel.to_owned(), frame.as_bytes().clone());
-        self.send_to_cluster(&envelope, &[self.topics.channel(channel)])
+        if let Some(key) = idempotency_key {
+            return Published::Later(self.publish_once(channel, data, key));
+        }
+        Published::Now(self.publish_frame(channel, notification::channel_message(channel, data)))
     }
 
-    fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed {
-        let outcome = self.hub.subscribe(client, channel);
+    fn subscribe(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Subscribed {
+        let options = self.namespaces.of(channel);
+        let history = options.history_size > 0;
+        let outcome = if history {
+            self.hub.subscribe_held(client, channel)
+        } else {
+            self.hub.subscribe(client, channel)
+        };
         let mut joined = None;
         if outcome.added {
             self.presence.count_changed(channel);
-            let options = self.namespaces.of(channel);
             if options.presence || options.join_leave {
                 let member = self.member(client);
                 if options.join_leave {
@@ -814,6 +995,52 @@ impl Node for ClusterNode {
             }
         }
         let held = self.hold(Interest::Channel(Arc::from(channel)));
+        if history {
+            if !outcome.added {
+                // Subscribed already: where the channel stands, nothing to recover.
+                let position = self.history.sequences().position(channel);
+                let history = Arc::clone(&self.history);
+                let channel = channel.to_owned();
+                return Subscribed::History(Box::pin(async move {
+                    let position = match position {
+                        Some((epoch, offset)) => StreamPosition { offset, epoch },
+                        None => {
+                            let position = crate::history::timed(history.store().position(&channel))
+                                .await
+                                .map_err(|error| RpcError::history_unavailable(&error))?;
+                            StreamPosition {
+                                offset: position.offset,
+                                epoch: position.epoch,
+                            }
+                        }
+                    };
+                    Ok(Recovery {
+                        position,
+                        recovered: false,
+                        publications: Vec::new(),
+                        join: Box::new(|| {}),
+                    })
+                }));
+            }
+            // The backbone holds the channel before the store is read, so that every
+            // publication after the read reaches this replica.
+            let ready: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                if let Some(joined) = joined {
+                    let _ = joined.await;
+                }
+                if let Subscribed::Pending(wait) = held {
+                    wait.await;
+                }
+            });
+            return Subscribed::History(self.history.recover_for(
+                Arc::clone(&self.hub),
+                client.clone(),
+                channel,
+                since,
+                self.overflow(channel),
+                ready,
+            ));
+        }
         match (joined, held) {
             (None, held) => held,
             (Some(joined), held) => Subscribed::Pending(Box::pin(async move {
@@ -822,9 +1049,21 @@ impl Node for ClusterNode {
                     Subscribed::Cluster => true,
                     Subscribed::LocalOnly => false,
                     Subscribed::Pending(wait) => wait.await,
+                    Subscribed::History(_) => true,
                 }
             })),
         }
+    }
+
+    fn keeps_history(&self, channel: &str) -> bool {
+        self.namespaces.of(channel).history_size > 0
+    }
+
+    fn history(&self, channel: &str, query: HistoryQuery) -> NodeFuture<HistoryPage> {
+        let history = Arc::clone(&self.history);
+        let channel = channel.to_owned();
+        let retention = self.retention(&channel);
+        Box::pin(async move { history.read(&channel, query, retention).await })
     }
 
     fn unsubscribe(&self, client: &ClientHandle, channel: &str) -> bool {
@@ -833,14 +1072,18 @@ impl Node for ClusterNode {
             return false;
         }
         self.presence.count_changed(channel);
-        if outcome.last_on_node && self.backbone.is_some() {
-            self.interest.mark(Interest::Channel(Arc::from(channel)));
+        self.history.sequences().forget(channel, client);
+        if outcome.last_on_node {
+            self.history.sequences().unfollow(channel);
+            if self.backbone.is_some() {
+                self.interest.mark(Interest::Channel(Arc::from(channel)));
+            }
         }
         let options = self.namespaces.of(channel);
         if options.presence || options.join_leave {
             let member = self.member(client);
             if options.join_leave {
-                self.publish(channel, join_leave("sys.leave", channel, &member));
+                self.publish_frame(channel, join_leave("sys.leave", channel, &member));
             }
             self.presence.leave(channel, member.client_id);
         }
@@ -974,7 +1217,7 @@ impl Effects for ClusterNode {
 
     fn member_lost(&self, channel: &str, member: &Connection) {
         if self.namespaces.of(channel).join_leave {
-            self.publish(channel, join_leave("sys.leave", channel, &member.member()));
+            self.publish_frame(channel, join_leave("sys.leave", channel, &member.member()));
         }
     }
 
@@ -1096,6 +1339,24 @@ async fn heartbeat(node: Weak<ClusterNode>) {
     }
 }
 
+/// Closes the gaps of history channels that waited too long for the backbone: their
+/// missing publications are read from the store.
+async fn fill_gaps(node: Weak<ClusterNode>) {
+    let mut tick = tokio::time::interval(GAP_WAIT / 5);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        for gap in node.history.sequences().gaps(GAP_WAIT) {
+            let filler = Arc::clone(&node);
+            tokio::spawn(async move {
+                let overflow = filler.overflow(&gap.channel);
+                filler.history.fill(&filler.hub, gap, overflow).await;
+            });
+        }
+    }
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1119,6 +1380,16 @@ mod tests {
     use crate::lifecycle::Lifecycle;
     use crate::metrics::Metrics;
     use crate::presence::PresenceSettings;
+
+    /// History in this process, for a node under test.
+    fn memory_history(metrics: &Metrics) -> Arc<Histories> {
+        Arc::new(Histories::new(
+            Arc::new(chorus_pubsub::history::memory::MemoryHistory::new()),
+            1000,
+            Duration::from_secs(300),
+            metrics.history.clone(),
+        ))
+    }
 
     /// Presence in this process, for a node under test.
     fn memory_presence(
@@ -1195,6 +1466,7 @@ mod tests {
             metrics: metrics.pubsub.clone(),
             namespaces: Namespaces::default(),
             presence: memory_presence("node"),
+            history: memory_history(&metrics),
         });
         assert_eq!(accepted.recv().await.as_deref(), Some("test"));
         assert_eq!(accepted.recv().await.as_deref(), Some("test#n/node"));
@@ -1202,7 +1474,7 @@ mod tests {
         backbone.refusals.store(1, Ordering::Release);
         let (client, _outbox) = hub.create_client(Identity::default());
         hub.register(&client);
-        let Subscribed::Pending(confirmed) = node.subscribe(&client, "items:42") else {
+        let Subscribed::Pending(confirmed) = node.subscribe(&client, "items:42", None) else {
             panic!("the first subscription waits for the backbone");
         };
         let retried = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
@@ -1213,7 +1485,7 @@ mod tests {
         assert_eq!(backbone.refusals.load(Ordering::Acquire), 0);
         let (second, _outbox) = hub.create_client(Identity::default());
         assert!(
-            matches!(node.subscribe(&second, "items:42"), Subscribed::Cluster),
+            matches!(node.subscribe(&second, "items:42", None), Subscribed::Cluster),
             "a confirmed channel needs no second round trip"
         );
     }
@@ -1234,6 +1506,7 @@ mod tests {
                 metrics: metrics.pubsub.clone(),
                 namespaces: Namespaces::default(),
                 presence: memory_presence("same"),
+                history: memory_history(&metrics),
             });
             (node, hub, metrics)
         };

@@ -32,11 +32,11 @@ struct PendingReply {
 }
 
 impl Future for PendingReply {
-    type Output = (Option<String>, usize);
+    type Output = (chorus_rpc::Answer, usize);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let calls = self.calls;
-        self.reply.as_mut().poll(cx).map(|text| (text, calls))
+        self.reply.as_mut().poll(cx).map(|answer| (answer, calls))
     }
 }
 
@@ -144,10 +144,14 @@ impl Session {
 
     /// Queues the replies of deferred calls that finished; registers for the others.
     pub fn poll_deferred(&mut self, cx: &mut Context<'_>) {
-        while let Poll::Ready(Some((reply, calls))) = self.pending.poll_next_unpin(cx) {
+        while let Poll::Ready(Some((answer, calls))) = self.pending.poll_next_unpin(cx) {
             self.pending_calls -= calls;
-            if let Some(reply) = reply {
+            if let Some(reply) = answer.text {
                 let _ = self.client().send(Frame::from(reply));
+            }
+            // After the reply: e.g. live publications after the ones it recovered.
+            for effect in answer.effects {
+                effect();
             }
         }
     }

@@ -10,6 +10,7 @@ mod broadcast;
 mod channel;
 mod cluster_info;
 mod direct;
+mod history;
 mod ping;
 mod presence;
 mod publish;
@@ -31,6 +32,7 @@ pub fn register_client(router: &mut Router) -> &mut Router {
         .register("auth.refresh", auth_refresh::AuthRefresh)
         .register("presence", presence::Presence)
         .register("presence_stats", presence::PresenceStats)
+        .register("history", history::History)
 }
 
 /// Registers every method of the server API (`POST /api`).
@@ -42,6 +44,7 @@ pub fn register_api(router: &mut Router) -> &mut Router {
         .register("kick", direct::Kick)
         .register("presence", presence::Presence)
         .register("presence_stats", presence::PresenceStats)
+        .register("history", history::History)
         .register("info", cluster_info::Info)
         .register("channels", cluster_info::Channels)
 }

@@ -1,5 +1,8 @@
 //! `publish`: sends `data` to every subscriber of a channel on every replica, as the
-//! `message` notification. The publisher need not be subscribed.
+//! `message` notification (with its `offset` on a channel with history). The
+//! publisher need not be subscribed. With `idempotency_key`, a repeat within
+//! `WS_IDEMPOTENCY_TTL`, anywhere in the cluster, answers as the first and delivers
+//! nothing.
 
 use std::borrow::Cow;
 
@@ -7,11 +10,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::channel::channel_result;
-use crate::{
-    Access, Context, Delivery, Method, Params, Reply, RpcError, notification, validate_channel,
-};
+use crate::{Access, Context, Delivery, Method, Params, Published, Reply, RpcError, validate_channel};
 
 pub struct Publish;
+
+/// Longest idempotency key accepted.
+const MAX_KEY: usize = 256;
 
 #[derive(Deserialize)]
 pub struct PublishParams<'a> {
@@ -19,6 +23,8 @@ pub struct PublishParams<'a> {
     channel: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
+    #[serde(default, borrow)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -26,7 +32,11 @@ struct PositionalPublish<'a>(#[serde(borrow)] Cow<'a, str>, #[serde(borrow)] &'a
 
 impl<'a> From<PositionalPublish<'a>> for PublishParams<'a> {
     fn from(PositionalPublish(channel, data): PositionalPublish<'a>) -> Self {
-        Self { channel, data }
+        Self {
+            channel,
+            data,
+            idempotency_key: None,
+        }
     }
 }
 
@@ -36,6 +46,15 @@ impl Method for Publish {
     fn parse<'p>(&self, params: Params<'p>) -> Result<PublishParams<'p>, RpcError> {
         let parsed: PublishParams<'p> = params.named_or_positional::<_, PositionalPublish<'p>>()?;
         validate_channel(&parsed.channel)?;
+        if parsed
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|key| key.is_empty() || key.len() > MAX_KEY)
+        {
+            return Err(RpcError::invalid_params(format!(
+                "idempotency_key must be 1 to {MAX_KEY} bytes"
+            )));
+        }
         Ok(parsed)
     }
 
@@ -50,10 +69,23 @@ impl Method for Publish {
         let channel = params.channel.as_ref();
         match cx
             .node()
-            .publish(channel, notification::channel_message(channel, params.data))
+            .publish(channel, params.data, params.idempotency_key.as_deref())
         {
-            Delivery::Cluster => Ok(channel_result(channel)),
-            Delivery::LocalOnly => Err(RpcError::delivered_locally()),
+            Published::Now(Delivery::Cluster) => Ok(channel_result(channel)),
+            Published::Now(Delivery::LocalOnly) => Err(RpcError::delivered_locally()),
+            Published::Later(position) => {
+                let channel = channel.to_owned();
+                Ok(Reply::later(async move {
+                    Ok(Reply::Json(match position.await? {
+                        Some(position) => serde_json::json!({
+                            "channel": channel,
+                            "offset": position.offset,
+                            "epoch": position.epoch,
+                        }),
+                        None => serde_json::json!({ "channel": channel }),
+                    }))
+                }))
+            }
         }
     }
 }

@@ -1,32 +1,103 @@
 //! `subscribe`: the caller starts receiving publications on a channel, from any
 //! replica. The reply comes once this replica holds the channel on the backbone, so a
 //! publication made anywhere after it reaches the caller. Subscribing twice is not an
-//! error.
+//! error. On a channel with history the reply says where the channel stands and, with
+//! `since`, recovers what the caller missed; live publications follow the reply.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
-use super::channel::{channel_param, channel_result};
-use crate::{Access, Context, Method, Params, Reply, RpcError, Subscribed};
+use serde::Deserialize;
+
+use super::channel::channel_result;
+use crate::{
+    Access, Context, Method, Params, Recovery, Reply, RpcError, StreamPosition, Subscribed,
+    validate_channel,
+};
 
 pub struct Subscribe;
 
-impl Method for Subscribe {
-    type Params<'p> = Cow<'p, str>;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeParams<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    since: Option<StreamPosition>,
+}
 
-    fn parse<'p>(&self, params: Params<'p>) -> Result<Cow<'p, str>, RpcError> {
-        channel_param(params)
+impl<'a> From<(Cow<'a, str>,)> for SubscribeParams<'a> {
+    fn from((channel,): (Cow<'a, str>,)) -> Self {
+        Self {
+            channel,
+            since: None,
+        }
+    }
+}
+
+/// The reply on a history channel: where it stands, and what was recovered.
+fn recovery_result(channel: &str, recovery: &Recovery) -> String {
+    let mut out = String::with_capacity(
+        96 + channel.len()
+            + recovery
+                .publications
+                .iter()
+                .map(|p| p.data.len() + 32)
+                .sum::<usize>(),
+    );
+    out.push_str(r#"{"channel":"#);
+    out.push_str(&serde_json::Value::from(channel).to_string());
+    let _ = write!(
+        out,
+        r#","offset":{},"epoch":{},"recovered":{},"publications":["#,
+        recovery.position.offset,
+        serde_json::Value::from(recovery.position.epoch.as_str()),
+        recovery.recovered
+    );
+    for (index, publication) in recovery.publications.iter().enumerate() {
+        if index > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, r#"{{"offset":{},"data":"#, publication.offset);
+        // Stored as the JSON text the publisher sent.
+        out.push_str(&String::from_utf8_lossy(&publication.data));
+        out.push('}');
+    }
+    out.push_str("]}");
+    out
+}
+
+impl Method for Subscribe {
+    type Params<'p> = SubscribeParams<'p>;
+
+    fn parse<'p>(&self, params: Params<'p>) -> Result<SubscribeParams<'p>, RpcError> {
+        let parsed: SubscribeParams<'p> =
+            params.named_or_positional::<_, (Cow<'p, str>,)>()?;
+        validate_channel(&parsed.channel)?;
+        Ok(parsed)
     }
 
-    fn access<'a>(&self, channel: &'a Cow<'_, str>) -> Access<'a> {
-        Access::Subscribe(channel)
+    fn access<'a>(&self, params: &'a SubscribeParams<'_>) -> Access<'a> {
+        Access::Subscribe(&params.channel)
     }
 
     fn call<'p>(
         &self,
         cx: &Context<'_>,
-        channel: &Self::Params<'p>,
+        params: &Self::Params<'p>,
     ) -> Result<Reply<'p>, RpcError> {
-        match cx.node().subscribe(cx.client()?, channel) {
+        let channel = &params.channel;
+        match cx
+            .node()
+            .subscribe(cx.client()?, channel, params.since.clone())
+        {
+            Subscribed::History(recovery) => {
+                let channel = channel.to_string();
+                Ok(Reply::later(async move {
+                    let recovery = recovery.await?;
+                    let text = recovery_result(&channel, &recovery);
+                    Ok(Reply::Text(text).then(recovery.join))
+                }))
+            }
             Subscribed::Cluster => Ok(channel_result(channel)),
             Subscribed::LocalOnly => Err(RpcError::subscribed_locally()),
             Subscribed::Pending(held) => {

@@ -11,7 +11,9 @@ use chorus_hub::{ClientHandle, Frame, Hub, NoEvents, Outbox};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::{Caller, Context, Delivery, Handled, NoObserver, Node, Router, Services, Subscribed};
+use crate::{
+    Caller, Context, Delivery, Handled, NoObserver, Node, Published, Router, Services, Subscribed,
+};
 
 /// How the test node answers a subscription.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -44,11 +46,22 @@ impl Node for HubNode {
         self.hub.broadcast(&frame);
         self.delivery()
     }
-    fn publish(&self, channel: &str, frame: Frame) -> Delivery {
-        self.hub.publish(channel, &frame);
-        self.delivery()
+    fn publish(
+        &self,
+        channel: &str,
+        data: &serde_json::value::RawValue,
+        _idempotency_key: Option<&str>,
+    ) -> Published {
+        self.hub
+            .publish(channel, &crate::notification::channel_message(channel, data));
+        Published::Now(self.delivery())
     }
-    fn subscribe(&self, client: &ClientHandle, channel: &str) -> Subscribed {
+    fn subscribe(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        _since: Option<crate::StreamPosition>,
+    ) -> Subscribed {
         self.hub.subscribe(client, channel);
         match self.backbone {
             Backbone::Up => Subscribed::Cluster,
@@ -186,6 +199,7 @@ async fn later(handled: Handled) -> Value {
             let text = tokio::time::timeout(Duration::from_secs(5), reply)
                 .await
                 .expect("resolves")
+                .text
                 .expect("a reply is owed");
             serde_json::from_str(&text).expect("reply is JSON")
         }
@@ -390,7 +404,7 @@ async fn a_call_behind_a_pending_subscribe_of_its_channel_waits_for_it() {
     setup.confirm_subscriptions(true);
     assert_eq!(later(subscribe).await["result"], json!({"channel": "c"}));
     let reply: Value =
-        serde_json::from_str(&publish.await.expect("joins").expect("owed")).expect("JSON");
+        serde_json::from_str(&publish.await.expect("joins").text.expect("owed")).expect("JSON");
     assert_eq!(
         reply,
         json!({"jsonrpc": "2.0", "result": {"channel": "c"}, "id": 8})

@@ -3,12 +3,13 @@
 //!
 //! One typed part per concern, each read (with envy) and validated in its own module:
 //! [`TransportConfig`], [`LimitsConfig`], [`GateSettings`], [`ClusterConfig`],
-//! [`UsersConfig`], [`LogConfig`]. A `WS_`
+//! [`UsersConfig`], [`HistoryConfig`], [`LogConfig`]. A `WS_`
 //! variable that no part knows is refused, and so is a set of values that do not fit
 //! together.
 
 mod cluster;
 mod gate;
+mod history;
 mod limits;
 mod log;
 mod transport;
@@ -19,6 +20,7 @@ use serde::Deserialize;
 
 pub use cluster::{Backbone, ClusterConfig};
 pub use gate::GateSettings;
+pub use history::HistoryConfig;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
 pub use transport::{AllowedOrigins, TransportConfig};
@@ -33,6 +35,7 @@ pub struct Config {
     pub gate: GateSettings,
     pub cluster: ClusterConfig,
     pub users: UsersConfig,
+    pub history: HistoryConfig,
     pub log: LogConfig,
 }
 
@@ -68,6 +71,7 @@ impl Config {
         let gate = GateSettings::load(&vars)?;
         let cluster = ClusterConfig::load(&vars)?;
         let users = UsersConfig::load(&vars)?;
+        let history = HistoryConfig::load(&vars)?;
         let log = LogConfig::load(&vars)?;
         let config = Self {
             transport,
@@ -75,6 +79,7 @@ impl Config {
             gate,
             cluster,
             users,
+            history,
             log,
         };
         config.check_consistency()?;
@@ -108,6 +113,7 @@ fn known_variables() -> Vec<String> {
         values::fields::<gate::Raw>(),
         values::fields::<cluster::Raw>(),
         values::fields::<users::Raw>(),
+        values::fields::<history::Raw>(),
         values::fields::<log::Raw>(),
     ]
     .concat()
