@@ -28,7 +28,11 @@ pub struct Dropped {
 impl Dropped {
     fn count(&mut self, frame: &Frame) {
         self.messages += 1;
-        if let Some(offset) = frame.tag().map(|tag| tag.offset).filter(|offset| *offset > 0) {
+        if let Some(offset) = frame
+            .tag()
+            .map(|tag| tag.offset)
+            .filter(|offset| *offset > 0)
+        {
             self.from_offset = if self.from_offset == 0 {
                 offset
             } else {

@@ -596,10 +596,20 @@ mod tests {
         let hub = Hub::new(300, Arc::new(Gaps));
         let (client, _outbox) = connect(&hub);
         client
-            .send(tagged("x", 0, crate::Overflow::Disconnect, &"y".repeat(250)))
+            .send(tagged(
+                "x",
+                0,
+                crate::Overflow::Disconnect,
+                &"y".repeat(250),
+            ))
             .expect("fits");
         assert_eq!(
-            client.send(tagged("d", 1, crate::Overflow::DropOldest, &"z".repeat(100))),
+            client.send(tagged(
+                "d",
+                1,
+                crate::Overflow::DropOldest,
+                &"z".repeat(100)
+            )),
             Err(SendError::OverBudget),
             "nothing of its channel to drop"
         );
@@ -618,7 +628,10 @@ mod tests {
         assert!(hub.release(&client, "h"));
         assert!(!hub.release(&client, "h"), "released once");
         assert_eq!(hub.publish("h", &Frame::from_static("live")), 1);
-        assert_eq!(outbox.next().await, Outgoing::Frame(Frame::from_static("live")));
+        assert_eq!(
+            outbox.next().await,
+            Outgoing::Frame(Frame::from_static("live"))
+        );
         assert!(hub.unsubscribe(&client, "h").last_on_node);
         hub.subscribe_held(&client, "g");
         assert_eq!(hub.remove(&client), vec![Arc::<str>::from("g")]);

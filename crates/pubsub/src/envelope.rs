@@ -206,7 +206,11 @@ impl Envelope {
         let target_len = usize::from(reader.u16()?);
         let target = reader.string(target_len)?;
         // Envelopes of the first release end here; later ones carry flags.
-        let flags = if reader.at < header_end { reader.u8()? } else { 0 };
+        let flags = if reader.at < header_end {
+            reader.u8()?
+        } else {
+            0
+        };
         let position = if flags & 1 == 1 {
             let offset = u64::from_be_bytes(reader.array()?);
             let epoch_len = usize::from(reader.u8()?);

@@ -175,8 +175,11 @@ impl RpcError {
     /// `-32053` when the history store cannot take a publication: nothing was
     /// delivered.
     pub fn history_unavailable(why: impl std::fmt::Display) -> Self {
-        Self::with_detail(ErrorCode::Unavailable, format!("history store unavailable: {why}"))
-            .data(serde_json::json!({ "delivered": "none" }))
+        Self::with_detail(
+            ErrorCode::Unavailable,
+            format!("history store unavailable: {why}"),
+        )
+        .data(serde_json::json!({ "delivered": "none" }))
     }
 
     /// `-32053` when the presence store cannot answer.

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use chorus_gate::{AuthConfig, Gate, GateConfig, IpLimits, IpSlot, Jwks, JwtConfig, UserSlot};
 use chorus_hub::{CloseReason, Hub};
-use chorus_pubsub::local::LocalBus;
-use chorus_pubsub::nats::NatsBackbone;
 use chorus_pubsub::history::HistoryStore;
 use chorus_pubsub::history::memory::MemoryHistory;
+use chorus_pubsub::local::LocalBus;
+use chorus_pubsub::nats::NatsBackbone;
 use chorus_pubsub::now_ms;
 use chorus_pubsub::presence::PresenceStore;
 use chorus_pubsub::presence::memory::MemoryPresence;
@@ -27,8 +27,8 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{Backbone, Config};
-use crate::http_client::{HttpClient, JwksSource};
 use crate::history::Histories;
+use crate::http_client::{HttpClient, JwksSource};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::node::{ClusterNode, NodeParts, Topics};
@@ -403,11 +403,21 @@ async fn history_store(
     config: &Config,
     bus: Option<&LocalBus>,
 ) -> Result<Arc<dyn HistoryStore>, StartError> {
+    let failed = |err: chorus_pubsub::history::HistoryError| StartError::Backbone {
+        adapter: config.cluster.backbone.adapter(),
+        reason: err.to_string(),
+    };
+    let prefix = &config.cluster.pubsub_channel;
     Ok(match &config.cluster.backbone {
         Backbone::Standalone => Arc::new(MemoryHistory::new()),
         Backbone::Local => Arc::new(bus.map_or_else(MemoryHistory::new, LocalBus::history)),
-        // TEMPORARY until the Redis and NATS history stores land.
-        Backbone::Redis { .. } | Backbone::Nats { .. } => Arc::new(MemoryHistory::new()),
+        Backbone::Redis { url } => Arc::new(
+            chorus_pubsub::history::redis::connect(url, prefix)
+                .await
+                .map_err(failed)?,
+        ),
+        // TEMPORARY until the NATS history store lands.
+        Backbone::Nats { .. } => Arc::new(MemoryHistory::new()),
     })
 }
 

@@ -29,8 +29,7 @@ use chorus_pubsub::history::{
     Appended, HistoryError, HistoryStore, Idempotency, MAX_READ, Page, Query, Retention,
 };
 use chorus_rpc::{
-    HistoryPage, HistoryQuery, Kept, NodeFuture, Recovery, RpcError, StreamPosition,
-    notification,
+    HistoryPage, HistoryQuery, Kept, NodeFuture, Recovery, RpcError, StreamPosition, notification,
 };
 use futures_util::FutureExt;
 use futures_util::future::Shared;
@@ -105,8 +104,13 @@ impl Sequence {
             return Some(Vec::new());
         }
         let first = self.tail.front()?.offset;
-        (after + 1 >= first)
-            .then(|| self.tail.iter().filter(|e| e.offset > after).cloned().collect())
+        (after + 1 >= first).then(|| {
+            self.tail
+                .iter()
+                .filter(|e| e.offset > after)
+                .cloned()
+                .collect()
+        })
     }
 
     fn remember(&mut self, entry: Entry) {
@@ -503,12 +507,26 @@ mod tests {
         let (_client, mut outbox) = subscribed(&hub);
         let sequences = Sequences::new();
         sequences.follow("c", "e1", 0, 100, &[]);
-        assert_eq!(sequences.deliver(&hub, "c", "e1", entry(2)), Delivered::Waiting);
-        assert_eq!(sequences.deliver(&hub, "c", "e1", entry(3)), Delivered::Waiting);
+        assert_eq!(
+            sequences.deliver(&hub, "c", "e1", entry(2)),
+            Delivered::Waiting
+        );
+        assert_eq!(
+            sequences.deliver(&hub, "c", "e1", entry(3)),
+            Delivered::Waiting
+        );
         assert_eq!(sequences.deliver(&hub, "c", "e1", entry(1)), Delivered::Now);
-        assert_eq!(sequences.deliver(&hub, "c", "e1", entry(2)), Delivered::Ignored);
+        assert_eq!(
+            sequences.deliver(&hub, "c", "e1", entry(2)),
+            Delivered::Ignored
+        );
         assert_eq!(offsets(&mut outbox), ["1", "2", "3"]);
-        assert_eq!(sequences.recent("c", "e1", 1).map(|(last, e)| (last, e.len())), Some((3, 2)));
+        assert_eq!(
+            sequences
+                .recent("c", "e1", 1)
+                .map(|(last, e)| (last, e.len())),
+            Some((3, 2))
+        );
     }
 
     #[test]
@@ -539,7 +557,10 @@ mod tests {
         sequences.follow("c", "e1", 10, 100, &[]);
         sequences.deliver(&hub, "c", "e2", entry(1));
         sequences.deliver(&hub, "c", "e1", entry(11));
-        assert_eq!(offsets(&mut outbox), [r#"{"channel":"c","epoch":"e2"}"#, "1"]);
+        assert_eq!(
+            offsets(&mut outbox),
+            [r#"{"channel":"c","epoch":"e2"}"#, "1"]
+        );
     }
 
     #[test]
@@ -730,6 +751,7 @@ impl Histories {
         since: Option<StreamPosition>,
         max_bytes: usize,
         overflow: Overflow,
+        retention: Retention,
     ) -> Result<Found, RpcError> {
         if let Some(since) = &since
             && let Some((last, entries)) =
@@ -739,7 +761,13 @@ impl Histories {
                 offset: last,
                 epoch: since.epoch.clone(),
             };
-            return Ok(self.bounded(position, since.offset, &entries_kept(&entries), max_bytes, 0));
+            return Ok(self.bounded(
+                position,
+                since.offset,
+                &entries_kept(&entries),
+                max_bytes,
+                0,
+            ));
         }
         if since.is_none()
             && let Some((epoch, last)) = self.sequences.position(channel)
@@ -753,7 +781,10 @@ impl Histories {
                 publications: Vec::new(),
             });
         }
-        let page = self.latest(channel).await.map_err(|error| self.failed(&error))?;
+        let page = self
+            .latest(channel, retention)
+            .await
+            .map_err(|error| self.failed(&error))?;
         let warm: Vec<Entry> = page
             .publications
             .iter()
@@ -786,7 +817,9 @@ impl Histories {
                     })
                     .collect();
                 // The read has the newest `recovery_max`: older is too far back.
-                let complete = kept.first().is_none_or(|first| first.offset == since.offset + 1)
+                let complete = kept
+                    .first()
+                    .is_none_or(|first| first.offset == since.offset + 1)
                     && since.offset <= position.offset;
                 if complete {
                     Ok(self.bounded(position, since.offset, &kept, max_bytes, 1))
@@ -825,7 +858,8 @@ impl Histories {
         source: usize,
     ) -> Found {
         let bytes: usize = kept.iter().map(|k| k.data.len() + 32).sum();
-        let fits = kept.len() <= self.recovery_max && bytes <= max_bytes && since <= position.offset;
+        let fits =
+            kept.len() <= self.recovery_max && bytes <= max_bytes && since <= position.offset;
         if fits {
             self.metrics.recoveries[source].inc();
             Found {
@@ -845,7 +879,7 @@ impl Histories {
 
     /// The channel's newest `recovery_max` publications: one store read at a time
     /// per channel, shared by everyone who asks meanwhile.
-    fn latest(&self, channel: &str) -> SharedRead {
+    fn latest(&self, channel: &str, retention: Retention) -> SharedRead {
         let mut reads = self
             .reads
             .lock()
@@ -860,11 +894,6 @@ impl Histories {
         let limit = self.recovery_max;
         let read: Pin<Box<dyn Future<Output = Result<Arc<Page>, HistoryError>> + Send>> =
             Box::pin(async move {
-                // Retention is applied by appends; a read for recovery only looks.
-                let keep_all = Retention {
-                    size: usize::MAX,
-                    ttl: None,
-                };
                 timed(store.read(
                     &name,
                     Query {
@@ -872,7 +901,7 @@ impl Histories {
                         limit,
                         reverse: false,
                     },
-                    keep_all,
+                    retention,
                 ))
                 .await
                 .map(Arc::new)
@@ -899,6 +928,7 @@ impl Histories {
         channel: &str,
         since: Option<StreamPosition>,
         overflow: Overflow,
+        retention: Retention,
         ready: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> NodeFuture<Recovery> {
         let me = Arc::clone(self);
@@ -906,7 +936,9 @@ impl Histories {
         let max_bytes = client.budget() / 2;
         Box::pin(async move {
             ready.await;
-            let found = me.find(&channel, since, max_bytes, overflow).await;
+            let found = me
+                .find(&channel, since, max_bytes, overflow, retention)
+                .await;
             me.read_done(&channel);
             let found = match found {
                 Ok(found) => found,
@@ -933,12 +965,8 @@ impl Histories {
 
     /// Reads what a gap misses from the store, delivers it in order, and tells what
     /// the store no longer has.
-    pub async fn fill(&self, hub: &Hub, gap: Gap, overflow: Overflow) {
+    pub async fn fill(&self, hub: &Hub, gap: Gap, overflow: Overflow, retention: Retention) {
         self.metrics.reads[1].inc();
-        let keep_all = Retention {
-            size: usize::MAX,
-            ttl: None,
-        };
         let read = timed(self.store.read(
             &gap.channel,
             Query {
@@ -946,7 +974,7 @@ impl Histories {
                 limit: MAX_READ,
                 reverse: false,
             },
-            keep_all,
+            retention,
         ))
         .await;
         match read {

@@ -19,10 +19,10 @@ use chorus_rpc::{
     Delivery, HistoryPage, HistoryQuery, Node, NodeFuture, Published, Recovery, RpcError,
     StreamPosition, Subscribed, Targets, notification,
 };
-use serde_json::value::RawValue;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::history::{Entry, GAP_WAIT, Histories, data_of, message_frame};
@@ -394,7 +394,10 @@ impl ClusterNode {
             let appended = history
                 .append(&channel, &data, retention, key.as_deref())
                 .await?;
-            let Appended { position, duplicate } = appended;
+            let Appended {
+                position,
+                duplicate,
+            } = appended;
             let answer = StreamPosition {
                 offset: position.offset,
                 epoch: position.epoch.clone(),
@@ -442,7 +445,12 @@ impl ClusterNode {
 
     /// A publication with an idempotency key on a channel without history: delivered
     /// the first time the key is used within its time only.
-    fn publish_once(&self, channel: &str, data: &RawValue, key: &str) -> NodeFuture<Option<StreamPosition>> {
+    fn publish_once(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        key: &str,
+    ) -> NodeFuture<Option<StreamPosition>> {
         let me = self.me.clone();
         let channel = channel.to_owned();
         let key = key.to_owned();
@@ -841,7 +849,8 @@ impl ClusterNode {
                         );
                     }
                     _ => {
-                        self.hub.publish(channel, &self.tagged(channel, frame.clone()));
+                        self.hub
+                            .publish(channel, &self.tagged(channel, frame.clone()));
                     }
                 }
                 None
@@ -1005,9 +1014,10 @@ impl Node for ClusterNode {
                     let position = match position {
                         Some((epoch, offset)) => StreamPosition { offset, epoch },
                         None => {
-                            let position = crate::history::timed(history.store().position(&channel))
-                                .await
-                                .map_err(|error| RpcError::history_unavailable(&error))?;
+                            let position =
+                                crate::history::timed(history.store().position(&channel))
+                                    .await
+                                    .map_err(|error| RpcError::history_unavailable(&error))?;
                             StreamPosition {
                                 offset: position.offset,
                                 epoch: position.epoch,
@@ -1038,6 +1048,7 @@ impl Node for ClusterNode {
                 channel,
                 since,
                 self.overflow(channel),
+                self.retention(channel),
                 ready,
             ));
         }
@@ -1351,7 +1362,11 @@ async fn fill_gaps(node: Weak<ClusterNode>) {
             let filler = Arc::clone(&node);
             tokio::spawn(async move {
                 let overflow = filler.overflow(&gap.channel);
-                filler.history.fill(&filler.hub, gap, overflow).await;
+                let retention = filler.retention(&gap.channel);
+                filler
+                    .history
+                    .fill(&filler.hub, gap, overflow, retention)
+                    .await;
             });
         }
     }
@@ -1485,7 +1500,10 @@ mod tests {
         assert_eq!(backbone.refusals.load(Ordering::Acquire), 0);
         let (second, _outbox) = hub.create_client(Identity::default());
         assert!(
-            matches!(node.subscribe(&second, "items:42", None), Subscribed::Cluster),
+            matches!(
+                node.subscribe(&second, "items:42", None),
+                Subscribed::Cluster
+            ),
             "a confirmed channel needs no second round trip"
         );
     }

@@ -1,5 +1,6 @@
 //! Presence in Redis (a single server, 7.0 or later), on one dedicated `fred` client that
-//! reconnects forever. While it is disconnected every call fails at once with
+//! reconnects forever (`crate::redis::link::StoreLink`, shared with the backbone and the
+//! history store). While it is disconnected every call fails at once with
 //! [`PresenceError::Unreachable`].
 //!
 //! Every operation is one Lua script run with EVALSHA, so what reads and then writes is
@@ -46,28 +47,21 @@
 //! field already holds it); the node id is left out when the client id names it. The
 //! scripts decode records only to find the user, device and node to unindex.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::clients::Client;
-use fred::error::Error as FredError;
-use fred::prelude::{ClientLike, EventInterface, Value};
-use fred::types::config::Options;
-use fred::types::{ClusterHash, CustomCommand};
+use fred::prelude::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::broadcast;
 
 use super::{
     Beat, Connected, Connection, Disconnected, Lost, MAX_PAGE, Member, NodeStatus, Page,
     PresenceError, PresenceStore, Stats, StoreFuture, node_of_client,
 };
-use crate::AbortOnDrop;
-use crate::redis::{builder, keep_connected, parse_config};
+use crate::redis::link::{
+    Failure, NAME, Script, StoreLink, array, bytes, flag, integer, millis, text, valid_prefix,
+};
 
-const NAME: &str = "redis";
 /// Most connections one reaping script removes, whatever the caller asks for.
 const MAX_REAP: usize = 1000;
 /// Reaping scripts that may in a row clear only leftovers (memberships without a
@@ -75,9 +69,6 @@ const MAX_REAP: usize = 1000;
 const MAX_EMPTY_REAPS: usize = 64;
 /// Most channel counts one script sets.
 const COUNTS_PER_SCRIPT: usize = 1000;
-/// How often the connection is pinged, so that a server that vanished without closing
-/// the socket is noticed (fred's unresponsive check then reconnects).
-const HEARTBEAT: Duration = Duration::from_secs(3);
 
 /// Helpers every script starts with. `ARGV[1]` is always the key prefix, `"<prefix>|"`.
 macro_rules! prelude {
@@ -538,22 +529,6 @@ return count
 "#
 );
 
-/// A script and, once Redis told it, its SHA-1 (which never changes).
-#[derive(Debug)]
-struct Script {
-    source: &'static str,
-    sha: OnceLock<String>,
-}
-
-impl Script {
-    const fn new(source: &'static str) -> Self {
-        Self {
-            source,
-            sha: OnceLock::new(),
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Scripts {
     beat: Script,
@@ -727,45 +702,6 @@ fn corrupt(reason: String) -> PresenceError {
     }
 }
 
-fn array(value: Value) -> Result<Vec<Value>, PresenceError> {
-    match value {
-        Value::Array(values) => Ok(values),
-        // An empty Lua table may come back as nil.
-        Value::Null => Ok(Vec::new()),
-        other => Err(corrupt(format!("expected an array, got {}", other.kind()))),
-    }
-}
-
-fn bytes(value: &Value) -> Result<&[u8], PresenceError> {
-    match value {
-        Value::String(text) => Ok(text.as_bytes()),
-        Value::Bytes(bytes) => Ok(bytes),
-        other => Err(corrupt(format!("expected a string, got {}", other.kind()))),
-    }
-}
-
-fn text(value: &Value) -> Result<String, PresenceError> {
-    std::str::from_utf8(bytes(value)?)
-        .map(str::to_owned)
-        .map_err(|_| corrupt("a name is not UTF-8".to_owned()))
-}
-
-/// An integer reply, or a decimal string one.
-fn integer(value: &Value) -> Result<u64, PresenceError> {
-    match value {
-        Value::Integer(n) => u64::try_from(*n).map_err(|_| corrupt(format!("negative count {n}"))),
-        Value::String(_) | Value::Bytes(_) => std::str::from_utf8(bytes(value)?)
-            .ok()
-            .and_then(|text| text.parse().ok())
-            .ok_or_else(|| corrupt("expected a number".to_owned())),
-        other => Err(corrupt(format!("expected a number, got {}", other.kind()))),
-    }
-}
-
-fn flag(value: &Value) -> Result<bool, PresenceError> {
-    integer(value).map(|n| n != 0)
-}
-
 /// `[client, record, client, record, ...]` as connections.
 fn connections(values: Vec<Value>) -> Result<Vec<Connection>, PresenceError> {
     let mut out = Vec::with_capacity(values.len() / 2);
@@ -810,10 +746,6 @@ fn parse_reaped(reply: Value) -> Result<(bool, Vec<Lost>), PresenceError> {
     Ok((flag(&more)?, lost))
 }
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
 fn optional(value: Option<&str>) -> [Value; 2] {
     match value {
         Some(value) => [Value::from("1"), Value::from(value)],
@@ -821,55 +753,15 @@ fn optional(value: Option<&str>) -> [Value; 2] {
     }
 }
 
-/// A Redis error reply (`ERR ...`, `OOM ...`) means the server refused the command; a
-/// reply that says it is busy or loading, or an error of fred's own (connection
-/// closed, timeout, write attempts used up), means it cannot be reached now.
-fn failure(error: &FredError) -> PresenceError {
-    const TRANSIENT: [&str; 4] = ["LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"];
-    let code = error
-        .details()
-        .split_whitespace()
-        .next()
-        .unwrap_or_default();
-    let refused = code.len() >= 2 && code.bytes().all(|b| b.is_ascii_uppercase());
-    if refused && !TRANSIENT.contains(&code) {
-        PresenceError::Unavailable {
-            store: NAME,
-            reason: error.details().to_owned(),
-        }
-    } else {
-        PresenceError::Unreachable(NAME)
-    }
-}
-
-fn is_noscript(error: &FredError) -> bool {
-    error.details().starts_with("NOSCRIPT")
-}
-
-/// Whether `prefix` is a cluster topic prefix (`[A-Za-z0-9_.:-]+`), which cannot
-/// contain the `|` that ends it in every key.
-fn valid_prefix(prefix: &str) -> bool {
-    !prefix.is_empty()
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-}
-
 /// Presence in a Redis server, shared by every replica of a cluster that uses the same
 /// server and prefix.
 pub struct RedisPresence {
-    client: Client,
-    /// Whether the connection is known to work. fred still reports a connection that
-    /// just dropped as connected until its reconnection delay has passed, and queues
-    /// commands meanwhile; this flag falls as soon as fred reports the drop.
-    link: Arc<AtomicBool>,
+    /// Fails every call at once while disconnected, and never writes a command twice:
+    /// a reaping script replayed after a lost reply would hand its connections to nobody.
+    link: StoreLink,
     /// `"<prefix>|"`, the start of every key.
     keys: Value,
-    /// Fail at once while disconnected, and never write a command twice: a reaping
-    /// script replayed after a lost reply would hand its connections to nobody.
-    options: Options,
     scripts: Scripts,
-    _tasks: Vec<AbortOnDrop>,
 }
 
 impl std::fmt::Debug for RedisPresence {
@@ -880,151 +772,56 @@ impl std::fmt::Debug for RedisPresence {
     }
 }
 
+impl From<Failure> for PresenceError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Unreachable => Self::Unreachable(NAME),
+            Failure::Unavailable(reason) => Self::Unavailable {
+                store: NAME,
+                reason,
+            },
+            Failure::Corrupt(reason) => corrupt(reason),
+        }
+    }
+}
+
 /// Starts connecting to the Redis server at `url` and returns at once; keys start with
 /// `prefix` (the cluster's topic prefix, `[A-Za-z0-9_.:-]+`).
 ///
 /// Fails only for a malformed URL or prefix. A server that is down is retried forever;
 /// meanwhile calls fail with [`PresenceError::Unreachable`].
 pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceError> {
-    let unusable = |reason: String| PresenceError::Unavailable {
-        store: NAME,
-        reason,
-    };
     if !valid_prefix(prefix) {
-        return Err(unusable(format!(
-            "invalid key prefix {prefix:?}: expected [A-Za-z0-9_.:-]+"
-        )));
+        return Err(PresenceError::Unavailable {
+            store: NAME,
+            reason: format!("invalid key prefix {prefix:?}: expected [A-Za-z0-9_.:-]+"),
+        });
     }
-    let config = parse_config(url).map_err(|error| unusable(error.to_string()))?;
-    let client = builder(config, None)
-        .build()
-        .map_err(|error| unusable(format!("invalid Redis configuration: {}", error.details())))?;
-    let link = Arc::new(AtomicBool::new(false));
-    // Taken before connecting, so that the first connection is not missed.
-    let watch = watch_link(client.error_rx(), client.reconnect_rx(), Arc::clone(&link));
-    let tasks = vec![
-        AbortOnDrop(tokio::spawn(watch).abort_handle()),
-        AbortOnDrop(tokio::spawn(keep_connected(client.clone(), "presence")).abort_handle()),
-        AbortOnDrop(tokio::spawn(heartbeat(client.clone())).abort_handle()),
-    ];
     Ok(RedisPresence {
-        client,
-        link,
+        link: StoreLink::connect(url, "presence")?,
         keys: Value::from(format!("{prefix}|")),
-        options: Options {
-            max_attempts: Some(1),
-            fail_fast: true,
-            ..Options::default()
-        },
         scripts: Scripts::new(),
-        _tasks: tasks,
     })
-}
-
-/// Keeps `link` up to date: fred reports every lost connection and every failed
-/// connection attempt on `errors`, and every (re)connection on `connections`.
-async fn watch_link(
-    mut errors: broadcast::Receiver<(FredError, Option<fred::prelude::Server>)>,
-    mut connections: broadcast::Receiver<fred::prelude::Server>,
-    link: Arc<AtomicBool>,
-) {
-    loop {
-        // Biased: when both are pending, the error is older than the reconnection.
-        let up = tokio::select! {
-            biased;
-            event = errors.recv() => match event {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => false,
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-            event = connections.recv() => match event {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => true,
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-        };
-        link.store(up, Ordering::Release);
-    }
-}
-
-async fn heartbeat(client: Client) {
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if client.is_connected() {
-            // An unanswered PING makes fred's unresponsive check drop the connection.
-            let _: Result<Value, _> = client.ping(None).await;
-        }
-    }
 }
 
 impl RedisPresence {
     /// Whether the connection to Redis is up.
     pub fn is_connected(&self) -> bool {
-        self.link.load(Ordering::Acquire) && self.client.is_connected()
+        self.link.is_connected()
     }
 
     /// Waits until the connection is up, for at most `timeout`; returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.is_connected() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        self.link.wait_connected(timeout).await
     }
 
-    /// Runs `script` with `ARGV` = the key prefix followed by `args`, loading it first
-    /// when Redis does not know it.
+    /// Runs `script` with `ARGV` = the key prefix followed by `args` (no KEYS: the
+    /// scripts build key names from the prefix).
     async fn run(&self, script: &Script, args: Vec<Value>) -> Result<Value, PresenceError> {
-        if !self.is_connected() {
-            return Err(PresenceError::Unreachable(NAME));
-        }
-        let mut argv = Vec::with_capacity(args.len() + 3);
-        // Placeholder for the SHA-1, set per attempt.
-        argv.push(Value::Null);
-        argv.push(Value::from(0i64));
+        let mut argv = Vec::with_capacity(args.len() + 1);
         argv.push(self.keys.clone());
         argv.extend(args);
-        let sha = match script.sha.get() {
-            Some(sha) => sha.clone(),
-            None => self.load(script).await?,
-        };
-        match self.evalsha(&sha, &mut argv).await {
-            Err(error) if is_noscript(&error) => {
-                let sha = self.load(script).await?;
-                self.evalsha(&sha, &mut argv).await.map_err(|e| failure(&e))
-            }
-            result => result.map_err(|e| failure(&e)),
-        }
-    }
-
-    async fn evalsha(&self, sha: &str, argv: &mut [Value]) -> Result<Value, FredError> {
-        argv[0] = Value::from(sha);
-        // fred's `WithOptions` has no `LuaInterface`: send EVALSHA as a custom command.
-        self.client
-            .with_options(&self.options)
-            .custom(
-                CustomCommand::new_static("EVALSHA", ClusterHash::Random, false),
-                argv.to_vec(),
-            )
-            .await
-    }
-
-    /// SCRIPT LOAD; returns (and remembers) the script's SHA-1.
-    async fn load(&self, script: &Script) -> Result<String, PresenceError> {
-        let reply: Value = self
-            .client
-            .with_options(&self.options)
-            .custom(
-                CustomCommand::new_static("SCRIPT", ClusterHash::Random, false),
-                vec![Value::from("LOAD"), Value::from(script.source)],
-            )
-            .await
-            .map_err(|error| failure(&error))?;
-        let sha = text(&reply)?;
-        Ok(script.sha.get_or_init(|| sha).clone())
+        Ok(self.link.run(script, Vec::new(), argv).await?)
     }
 
     /// Runs a reaping script until it hands out connections or finds nothing left: a
@@ -1277,7 +1074,9 @@ impl PresenceStore for RedisPresence {
                     .chain(clients)
                     .map(|name| Value::from(name.as_str())),
             );
-            integer(&self.run(&self.scripts.count_targets, args).await?)
+            Ok(integer(
+                &self.run(&self.scripts.count_targets, args).await?,
+            )?)
         })
     }
 }
@@ -1285,15 +1084,6 @@ impl PresenceStore for RedisPresence {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_are_checked() {
-        assert!(valid_prefix("websocket.broadcast"));
-        assert!(valid_prefix("a:b-c_d.9"));
-        for bad in ["", "a|b", "a b", "a{b}", "ü"] {
-            assert!(!valid_prefix(bad), "{bad:?}");
-        }
-    }
 
     #[test]
     fn records_leave_out_what_the_key_says() {
@@ -1328,29 +1118,6 @@ mod tests {
         assert_eq!(parsed.client_id, "node-a/7");
         assert_eq!(parsed.node_id, "node-a");
         assert_eq!(parsed.user.as_deref(), Some("alice"));
-    }
-
-    #[test]
-    fn refusals_are_told_from_outages() {
-        use fred::error::ErrorKind;
-        let refused = FredError::new(ErrorKind::Unknown, "OOM command not allowed");
-        assert!(matches!(
-            failure(&refused),
-            PresenceError::Unavailable { reason, .. } if reason.starts_with("OOM")
-        ));
-        for outage in [
-            FredError::new(ErrorKind::Unknown, "LOADING Redis is loading the dataset"),
-            FredError::new(ErrorKind::Unknown, "Too many failed write attempts."),
-            FredError::new(ErrorKind::IO, "Connection reset by peer (os error 104)"),
-            FredError::new(ErrorKind::Canceled, "Connection closed unexpectedly."),
-            FredError::new(ErrorKind::Timeout, "Request timed out."),
-        ] {
-            assert_eq!(
-                failure(&outage),
-                PresenceError::Unreachable(NAME),
-                "{outage}"
-            );
-        }
     }
 
     #[test]

@@ -10,7 +10,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::channel::channel_result;
-use crate::{Access, Context, Delivery, Method, Params, Published, Reply, RpcError, validate_channel};
+use crate::{
+    Access, Context, Delivery, Method, Params, Published, Reply, RpcError, validate_channel,
+};
 
 pub struct Publish;
 

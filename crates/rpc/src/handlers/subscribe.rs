@@ -70,8 +70,7 @@ impl Method for Subscribe {
     type Params<'p> = SubscribeParams<'p>;
 
     fn parse<'p>(&self, params: Params<'p>) -> Result<SubscribeParams<'p>, RpcError> {
-        let parsed: SubscribeParams<'p> =
-            params.named_or_positional::<_, (Cow<'p, str>,)>()?;
+        let parsed: SubscribeParams<'p> = params.named_or_positional::<_, (Cow<'p, str>,)>()?;
         validate_channel(&parsed.channel)?;
         Ok(parsed)
     }
@@ -80,11 +79,7 @@ impl Method for Subscribe {
         Access::Subscribe(&params.channel)
     }
 
-    fn call<'p>(
-        &self,
-        cx: &Context<'_>,
-        params: &Self::Params<'p>,
-    ) -> Result<Reply<'p>, RpcError> {
+    fn call<'p>(&self, cx: &Context<'_>, params: &Self::Params<'p>) -> Result<Reply<'p>, RpcError> {
         let channel = &params.channel;
         match cx
             .node()

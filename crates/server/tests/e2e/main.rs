@@ -11,6 +11,8 @@ mod cluster_backbone;
 
 mod cluster_local;
 mod delivery;
+mod history;
+mod history_cluster;
 mod hostile;
 mod jsonrpc_spec;
 mod limits;

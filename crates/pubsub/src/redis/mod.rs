@@ -13,8 +13,11 @@
 //!   Redis has answered a PING sent right behind its SUBSCRIBE;
 //! - the receiver task hands every message to the `incoming` channel, waiting when it is
 //!   full;
-//! - the heartbeat task pings both connections, so that a peer that vanished without
+//! - a heartbeat task per connection pings it, so that a peer that vanished without
 //!   closing the socket is noticed (fred's unresponsive check then reconnects).
+//!
+//! The client settings, the connection and heartbeat tasks and the address check are
+//! shared with the Redis stores, in `link`.
 //!
 //! fred's `SubscriberClient::manage_subscriptions` is deliberately not used: it only
 //! re-subscribes channels whose SUBSCRIBE succeeded, so a topic subscribed while the
@@ -29,15 +32,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
-use fred::prelude::{
-    Builder, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, Value,
-};
+use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, Value};
 use fred::types::{Message, RespVersion};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle, redact_url};
 
-const NAME: &str = "redis";
+pub(crate) mod link;
+
+pub use link::validate_url;
+use link::{NAME, builder, heartbeat, keep_connected, parse_config, spawn};
 
 /// Publications waiting for the publisher task; more are refused as `Backlogged`.
 const PUBLISH_QUEUE: usize = 8192;
@@ -51,17 +55,6 @@ const MAX_CHANNELS_PER_COMMAND: usize = 512;
 /// allocates every broadcast channel of a client at this size, so it is a compromise
 /// between surviving a burst and memory (a few MB).
 const SUBSCRIBER_BROADCAST_CAPACITY: usize = 4096;
-/// Reconnect backoff: 100 ms doubling up to 1 s, forever.
-const RECONNECT_MIN_MS: u32 = 100;
-const RECONNECT_MAX_MS: u32 = 1000;
-/// How long a TCP connect (and the handshake commands after it) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long any command may wait for its reply.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often both connections are pinged, and how long an unanswered command may wait
-/// before fred drops the connection as unresponsive.
-const HEARTBEAT: Duration = Duration::from_secs(3);
-const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
 /// How often a subscription state that failed to apply is tried again.
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
 /// How often a repeated warning (lag, lost publications) is logged at most.
@@ -109,27 +102,6 @@ impl std::fmt::Debug for RedisBackbone {
     }
 }
 
-/// Checks that `url` is a Redis address this adapter can use (`redis://[user:pass@]host[:port][/db]`),
-/// without connecting.
-pub fn validate_url(url: &str) -> Result<(), PubsubError> {
-    parse_config(url).map(|_| ())
-}
-
-pub(crate) fn parse_config(url: &str) -> Result<Config, PubsubError> {
-    let invalid = |why: &str| PubsubError::InvalidUrl(format!("{}: {why}", redact_url(url)));
-    let scheme = url
-        .split_once("://")
-        .map(|(scheme, _)| scheme.to_ascii_lowercase())
-        .ok_or_else(|| invalid("expected redis://host:port"))?;
-    match scheme.as_str() {
-        "redis" | "valkey" => {}
-        // Without a TLS feature fred would warn and then talk plain text to a TLS port.
-        "rediss" | "valkeys" => return Err(invalid("TLS is not supported by this build")),
-        _ => return Err(invalid("expected the redis:// scheme (a single server)")),
-    }
-    Config::from_url_centralized(url).map_err(|error| invalid(error.details()))
-}
-
 impl RedisBackbone {
     /// Starts connecting to the Redis server at `url` and returns at once; messages on
     /// subscribed topics go to `incoming`.
@@ -175,7 +147,8 @@ impl RedisBackbone {
                 Arc::clone(&generation),
             )),
             spawn(receive_loop(messages, incoming, Arc::clone(&losses))),
-            spawn(heartbeat(publisher.clone(), subscriber.clone())),
+            spawn(heartbeat(publisher.clone())),
+            spawn(heartbeat(subscriber.clone())),
         ];
         Ok(Self {
             publisher,
@@ -264,65 +237,6 @@ impl Backbone for RedisBackbone {
 
     fn dropped_received(&self) -> u64 {
         self.losses.received.load(Ordering::Relaxed)
-    }
-}
-
-fn spawn<F>(task: F) -> AbortOnDrop
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    AbortOnDrop(tokio::spawn(task).abort_handle())
-}
-
-pub(crate) fn builder(config: Config, broadcast_capacity: Option<usize>) -> Builder {
-    let mut builder = Builder::from_config(Config {
-        // Run the reconnect policy for the first connection too, instead of failing
-        // when Redis is not up yet.
-        fail_fast: false,
-        ..config
-    });
-    builder
-        .with_performance_config(|performance| {
-            performance.default_command_timeout = COMMAND_TIMEOUT;
-            if let Some(capacity) = broadcast_capacity {
-                performance.broadcast_channel_capacity = capacity;
-            }
-        })
-        .with_connection_config(|connection| {
-            connection.connection_timeout = CONNECT_TIMEOUT;
-            connection.internal_command_timeout = CONNECT_TIMEOUT;
-            // A failed AUTH (a password being rotated, a server still loading) is
-            // retried like any other connection failure.
-            connection.reconnect_on_auth_error = true;
-            connection.unresponsive.max_timeout = Some(UNRESPONSIVE_AFTER);
-            connection.unresponsive.interval = Duration::from_secs(1);
-        })
-        // max_attempts 0: retry forever.
-        .set_policy(ReconnectPolicy::new_exponential(
-            0,
-            RECONNECT_MIN_MS,
-            RECONNECT_MAX_MS,
-            2,
-        ));
-    builder
-}
-
-/// Drives one client's connection task, and starts it again should it ever end (fred
-/// gives up on configuration errors even with an unlimited policy).
-pub(crate) async fn keep_connected<C: ClientLike>(client: C, role: &'static str) {
-    loop {
-        let connection = client.connect();
-        // Aborting this task must also stop fred's, which would otherwise retry forever.
-        let guard = AbortOnDrop(connection.abort_handle());
-        match connection.await {
-            Ok(Ok(())) => tracing::warn!(adapter = NAME, role, "connection task ended"),
-            Ok(Err(error)) => {
-                tracing::warn!(adapter = NAME, role, %error, "connection task failed")
-            }
-            Err(error) => tracing::warn!(adapter = NAME, role, %error, "connection task died"),
-        }
-        drop(guard);
-        tokio::time::sleep(Duration::from_millis(u64::from(RECONNECT_MAX_MS))).await;
     }
 }
 
@@ -589,58 +503,9 @@ fn payload(value: Value) -> Option<Bytes> {
     }
 }
 
-async fn heartbeat(publisher: fred::clients::Client, subscriber: SubscriberClient) {
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        // An unanswered PING makes fred's unresponsive check drop the connection.
-        let ping_publisher = async {
-            if publisher.is_connected() {
-                let _: Result<Value, _> = publisher.ping(None).await;
-            }
-        };
-        let ping_subscriber = async {
-            if subscriber.is_connected() {
-                let _: Result<Value, _> = subscriber.ping(None).await;
-            }
-        };
-        tokio::join!(ping_publisher, ping_subscriber);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_checked_before_connecting() {
-        assert_eq!(validate_url("redis://127.0.0.1:6379"), Ok(()));
-        assert_eq!(validate_url("redis://:secret@redis/2"), Ok(()));
-        assert_eq!(validate_url("redis://localhost"), Ok(()));
-        for bad in [
-            "",
-            "localhost:6379",
-            "http://localhost",
-            "rediss://localhost",
-            "redis://",
-            "redis://host:notaport",
-            "redis://host/1/2",
-        ] {
-            assert!(
-                matches!(validate_url(bad), Err(PubsubError::InvalidUrl(_))),
-                "{bad:?} should be refused"
-            );
-        }
-    }
-
-    #[test]
-    fn errors_hide_the_password() {
-        let Err(PubsubError::InvalidUrl(text)) = validate_url("rediss://:hunter2@h") else {
-            panic!("a TLS URL is refused");
-        };
-        assert!(!text.contains("hunter2"), "{text}");
-    }
 
     #[test]
     fn payloads_keep_their_bytes() {

@@ -1,0 +1,500 @@
+//! What every `fred` client of Chorus shares, written once for the backbone adapter
+//! ([`super::RedisBackbone`]) and the Redis stores (presence, history):
+//!
+//! - the address check ([`parse_config`]) and the client settings ([`builder`]):
+//!   reconnect forever with backoff, connect and command timeouts, the unresponsive
+//!   check;
+//! - the tasks every client needs: [`keep_connected`] (restarts fred's connection task
+//!   should it ever end) and [`heartbeat`] (a PING every few seconds, so that a server
+//!   that vanished without closing the socket is noticed);
+//! - for the stores, [`StoreLink`]: one dedicated client with an accurate up/down state,
+//!   that fails every call at once while down and runs Lua [`Script`]s with EVALSHA,
+//!   loading them again when Redis answers NOSCRIPT; [`Failure`] says why a call did
+//!   not happen, and the reply readers ([`array`], [`bytes`], [`text`], [`integer`])
+//!   decode what the scripts return;
+//! - [`valid_prefix`], the key prefix check that keeps the stores' keys apart.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fred::clients::Client;
+use fred::error::Error as FredError;
+use fred::prelude::{Builder, ClientLike, Config, EventInterface, ReconnectPolicy, Value};
+use fred::types::config::Options;
+use fred::types::{ClusterHash, CustomCommand};
+use tokio::sync::broadcast;
+
+use crate::{AbortOnDrop, PubsubError, redact_url};
+
+/// The adapter and store name in logs and errors.
+pub(crate) const NAME: &str = "redis";
+
+/// Reconnect backoff: 100 ms doubling up to 1 s, forever.
+const RECONNECT_MIN_MS: u32 = 100;
+const RECONNECT_MAX_MS: u32 = 1000;
+/// How long a TCP connect (and the handshake commands after it) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long any command may wait for its reply.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a connection is pinged, and how long an unanswered command may wait
+/// before fred drops the connection as unresponsive.
+const HEARTBEAT: Duration = Duration::from_secs(3);
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
+
+/// Checks that `url` is a Redis address Chorus can use (`redis://[user:pass@]host[:port][/db]`),
+/// without connecting.
+pub fn validate_url(url: &str) -> Result<(), PubsubError> {
+    parse_config(url).map(|_| ())
+}
+
+pub(crate) fn parse_config(url: &str) -> Result<Config, PubsubError> {
+    let invalid = |why: &str| PubsubError::InvalidUrl(format!("{}: {why}", redact_url(url)));
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .ok_or_else(|| invalid("expected redis://host:port"))?;
+    match scheme.as_str() {
+        "redis" | "valkey" => {}
+        // Without a TLS feature fred would warn and then talk plain text to a TLS port.
+        "rediss" | "valkeys" => return Err(invalid("TLS is not supported by this build")),
+        _ => return Err(invalid("expected the redis:// scheme (a single server)")),
+    }
+    Config::from_url_centralized(url).map_err(|error| invalid(error.details()))
+}
+
+pub(crate) fn builder(config: Config, broadcast_capacity: Option<usize>) -> Builder {
+    let mut builder = Builder::from_config(Config {
+        // Run the reconnect policy for the first connection too, instead of failing
+        // when Redis is not up yet.
+        fail_fast: false,
+        ..config
+    });
+    builder
+        .with_performance_config(|performance| {
+            performance.default_command_timeout = COMMAND_TIMEOUT;
+            if let Some(capacity) = broadcast_capacity {
+                performance.broadcast_channel_capacity = capacity;
+            }
+        })
+        .with_connection_config(|connection| {
+            connection.connection_timeout = CONNECT_TIMEOUT;
+            connection.internal_command_timeout = CONNECT_TIMEOUT;
+            // A failed AUTH (a password being rotated, a server still loading) is
+            // retried like any other connection failure.
+            connection.reconnect_on_auth_error = true;
+            connection.unresponsive.max_timeout = Some(UNRESPONSIVE_AFTER);
+            connection.unresponsive.interval = Duration::from_secs(1);
+        })
+        // max_attempts 0: retry forever.
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            RECONNECT_MIN_MS,
+            RECONNECT_MAX_MS,
+            2,
+        ));
+    builder
+}
+
+/// Runs `task` until the returned guard is dropped.
+pub(crate) fn spawn<F>(task: F) -> AbortOnDrop
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    AbortOnDrop(tokio::spawn(task).abort_handle())
+}
+
+/// Drives one client's connection task, and starts it again should it ever end (fred
+/// gives up on configuration errors even with an unlimited policy).
+pub(crate) async fn keep_connected<C: ClientLike>(client: C, role: &'static str) {
+    loop {
+        let connection = client.connect();
+        // Aborting this task must also stop fred's, which would otherwise retry forever.
+        let guard = AbortOnDrop(connection.abort_handle());
+        match connection.await {
+            Ok(Ok(())) => tracing::warn!(adapter = NAME, role, "connection task ended"),
+            Ok(Err(error)) => {
+                tracing::warn!(adapter = NAME, role, %error, "connection task failed")
+            }
+            Err(error) => tracing::warn!(adapter = NAME, role, %error, "connection task died"),
+        }
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(u64::from(RECONNECT_MAX_MS))).await;
+    }
+}
+
+/// Pings `client` every few seconds while it is connected.
+pub(crate) async fn heartbeat<C: ClientLike>(client: C) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if client.is_connected() {
+            // An unanswered PING makes fred's unresponsive check drop the connection.
+            let _: Result<Value, _> = client.ping(None).await;
+        }
+    }
+}
+
+/// Whether `prefix` is a cluster topic prefix (`[A-Za-z0-9_.:-]+`), which cannot
+/// contain the `|` that ends it in every store key.
+pub(crate) fn valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Why a store call did not happen; each store turns it into its own error type, whose
+/// variants these mirror.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Disconnected, timed out, or Redis said it is busy or loading.
+    Unreachable,
+    /// Redis refused the command (`OOM`, `ERR`, ...), or the configuration is unusable.
+    Unavailable(String),
+    /// Redis answered something the store cannot read.
+    Corrupt(String),
+}
+
+/// A Redis error reply (`ERR ...`, `OOM ...`) means the server refused the command; a
+/// reply that says it is busy or loading, or an error of fred's own (connection
+/// closed, timeout, write attempts used up), means it cannot be reached now.
+pub(crate) fn failure(error: &FredError) -> Failure {
+    const TRANSIENT: [&str; 4] = ["LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"];
+    let code = error
+        .details()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default();
+    let refused = code.len() >= 2 && code.bytes().all(|b| b.is_ascii_uppercase());
+    if refused && !TRANSIENT.contains(&code) {
+        Failure::Unavailable(error.details().to_owned())
+    } else {
+        Failure::Unreachable
+    }
+}
+
+fn is_noscript(error: &FredError) -> bool {
+    error.details().starts_with("NOSCRIPT")
+}
+
+/// A Lua script and, once Redis told it, its SHA-1 (which never changes).
+#[derive(Debug)]
+pub(crate) struct Script {
+    source: &'static str,
+    sha: OnceLock<String>,
+}
+
+impl Script {
+    pub(crate) const fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            sha: OnceLock::new(),
+        }
+    }
+}
+
+/// A store's own connection to Redis: one `fred` client that reconnects forever, is
+/// pinged, and knows accurately whether it is up.
+pub(crate) struct StoreLink {
+    client: Client,
+    /// Whether the connection is known to work. fred still reports a connection that
+    /// just dropped as connected until its reconnection delay has passed, and queues
+    /// commands meanwhile; this flag falls as soon as fred reports the drop.
+    up: Arc<AtomicBool>,
+    /// Fail at once while disconnected, and never write a command twice: fred would
+    /// replay one whose reply a dropped connection lost, and a script that is not
+    /// idempotent (reaping, appending) must not run twice.
+    options: Options,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl std::fmt::Debug for StoreLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLink")
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreLink {
+    /// Starts connecting to `url` and returns at once; `role` names the store in logs.
+    /// Fails only for a malformed URL.
+    pub(crate) fn connect(url: &str, role: &'static str) -> Result<Self, Failure> {
+        let config = parse_config(url).map_err(|error| Failure::Unavailable(error.to_string()))?;
+        let client = builder(config, None).build().map_err(|error| {
+            Failure::Unavailable(format!("invalid Redis configuration: {}", error.details()))
+        })?;
+        let up = Arc::new(AtomicBool::new(false));
+        // Taken before connecting, so that the first connection is not missed.
+        let watch = watch_link(client.error_rx(), client.reconnect_rx(), Arc::clone(&up));
+        let tasks = vec![
+            spawn(watch),
+            spawn(keep_connected(client.clone(), role)),
+            spawn(heartbeat(client.clone())),
+        ];
+        Ok(Self {
+            client,
+            up,
+            options: Options {
+                max_attempts: Some(1),
+                fail_fast: true,
+                ..Options::default()
+            },
+            _tasks: tasks,
+        })
+    }
+
+    /// Whether the connection to Redis is up.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.up.load(Ordering::Acquire) && self.client.is_connected()
+    }
+
+    /// Waits until the connection is up, for at most `timeout`; returns whether it is.
+    pub(crate) async fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Sends one command, failing at once while disconnected.
+    pub(crate) async fn command(
+        &self,
+        name: &'static str,
+        args: Vec<Value>,
+    ) -> Result<Value, Failure> {
+        if !self.is_connected() {
+            return Err(Failure::Unreachable);
+        }
+        self.custom(name, args)
+            .await
+            .map_err(|error| failure(&error))
+    }
+
+    /// Runs `script` with `keys` as KEYS and `args` as ARGV, loading it first when
+    /// Redis does not know it (first use, or a server that restarted or flushed its
+    /// scripts). Fails at once while disconnected.
+    pub(crate) async fn run(
+        &self,
+        script: &Script,
+        keys: Vec<Value>,
+        args: Vec<Value>,
+    ) -> Result<Value, Failure> {
+        if !self.is_connected() {
+            return Err(Failure::Unreachable);
+        }
+        let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
+        // Placeholder for the SHA-1, set per attempt.
+        argv.push(Value::Null);
+        argv.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
+        argv.extend(keys);
+        argv.extend(args);
+        let sha = match script.sha.get() {
+            Some(sha) => sha.clone(),
+            None => self.load(script).await?,
+        };
+        match self.evalsha(&sha, &mut argv).await {
+            Err(error) if is_noscript(&error) => {
+                let sha = self.load(script).await?;
+                self.evalsha(&sha, &mut argv).await.map_err(|e| failure(&e))
+            }
+            result => result.map_err(|e| failure(&e)),
+        }
+    }
+
+    async fn evalsha(&self, sha: &str, argv: &mut [Value]) -> Result<Value, FredError> {
+        argv[0] = Value::from(sha);
+        // fred's `WithOptions` has no `LuaInterface`: send EVALSHA as a custom command.
+        self.custom("EVALSHA", argv.to_vec()).await
+    }
+
+    /// SCRIPT LOAD; returns (and remembers) the script's SHA-1.
+    async fn load(&self, script: &Script) -> Result<String, Failure> {
+        let reply = self
+            .custom(
+                "SCRIPT",
+                vec![Value::from("LOAD"), Value::from(script.source)],
+            )
+            .await
+            .map_err(|error| failure(&error))?;
+        let sha = text(&reply)?;
+        Ok(script.sha.get_or_init(|| sha).clone())
+    }
+
+    async fn custom(&self, name: &'static str, args: Vec<Value>) -> Result<Value, FredError> {
+        self.client
+            .with_options(&self.options)
+            .custom(
+                CustomCommand::new_static(name, ClusterHash::Random, false),
+                args,
+            )
+            .await
+    }
+}
+
+/// Keeps `up` up to date: fred reports every lost connection and every failed
+/// connection attempt on `errors`, and every (re)connection on `connections`.
+async fn watch_link(
+    mut errors: broadcast::Receiver<(FredError, Option<fred::prelude::Server>)>,
+    mut connections: broadcast::Receiver<fred::prelude::Server>,
+    up: Arc<AtomicBool>,
+) {
+    loop {
+        // Biased: when both are pending, the error is older than the reconnection.
+        let now_up = tokio::select! {
+            biased;
+            event = errors.recv() => match event {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => false,
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            event = connections.recv() => match event {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        };
+        up.store(now_up, Ordering::Release);
+    }
+}
+
+pub(crate) fn array(value: Value) -> Result<Vec<Value>, Failure> {
+    match value {
+        Value::Array(values) => Ok(values),
+        // An empty Lua table may come back as nil.
+        Value::Null => Ok(Vec::new()),
+        other => Err(Failure::Corrupt(format!(
+            "expected an array, got {}",
+            other.kind()
+        ))),
+    }
+}
+
+pub(crate) fn bytes(value: &Value) -> Result<&[u8], Failure> {
+    match value {
+        Value::String(text) => Ok(text.as_bytes()),
+        Value::Bytes(bytes) => Ok(bytes),
+        other => Err(Failure::Corrupt(format!(
+            "expected a string, got {}",
+            other.kind()
+        ))),
+    }
+}
+
+pub(crate) fn text(value: &Value) -> Result<String, Failure> {
+    std::str::from_utf8(bytes(value)?)
+        .map(str::to_owned)
+        .map_err(|_| Failure::Corrupt("a name is not UTF-8".to_owned()))
+}
+
+/// An integer reply, or a decimal string one.
+pub(crate) fn integer(value: &Value) -> Result<u64, Failure> {
+    match value {
+        Value::Integer(n) => {
+            u64::try_from(*n).map_err(|_| Failure::Corrupt(format!("negative number {n}")))
+        }
+        Value::String(_) | Value::Bytes(_) => std::str::from_utf8(bytes(value)?)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| Failure::Corrupt("expected a number".to_owned())),
+        other => Err(Failure::Corrupt(format!(
+            "expected a number, got {}",
+            other.kind()
+        ))),
+    }
+}
+
+pub(crate) fn flag(value: &Value) -> Result<bool, Failure> {
+    integer(value).map(|n| n != 0)
+}
+
+/// Milliseconds, saturated.
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_before_connecting() {
+        assert_eq!(validate_url("redis://127.0.0.1:6379"), Ok(()));
+        assert_eq!(validate_url("redis://:secret@redis/2"), Ok(()));
+        assert_eq!(validate_url("redis://localhost"), Ok(()));
+        for bad in [
+            "",
+            "localhost:6379",
+            "http://localhost",
+            "rediss://localhost",
+            "redis://",
+            "redis://host:notaport",
+            "redis://host/1/2",
+        ] {
+            assert!(
+                matches!(validate_url(bad), Err(PubsubError::InvalidUrl(_))),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_hide_the_password() {
+        let Err(PubsubError::InvalidUrl(text)) = validate_url("rediss://:hunter2@h") else {
+            panic!("a TLS URL is refused");
+        };
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(valid_prefix("websocket.broadcast"));
+        assert!(valid_prefix("a:b-c_d.9"));
+        for bad in ["", "a|b", "a b", "a{b}", "ü"] {
+            assert!(!valid_prefix(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_told_from_outages() {
+        use fred::error::ErrorKind;
+        let refused = FredError::new(ErrorKind::Unknown, "OOM command not allowed");
+        assert!(matches!(
+            failure(&refused),
+            Failure::Unavailable(reason) if reason.starts_with("OOM")
+        ));
+        for outage in [
+            FredError::new(ErrorKind::Unknown, "LOADING Redis is loading the dataset"),
+            FredError::new(ErrorKind::Unknown, "Too many failed write attempts."),
+            FredError::new(ErrorKind::IO, "Connection reset by peer (os error 104)"),
+            FredError::new(ErrorKind::Canceled, "Connection closed unexpectedly."),
+            FredError::new(ErrorKind::Timeout, "Request timed out."),
+        ] {
+            assert_eq!(failure(&outage), Failure::Unreachable, "{outage}");
+        }
+        assert!(is_noscript(&FredError::new(
+            ErrorKind::Unknown,
+            "NOSCRIPT No matching script."
+        )));
+    }
+
+    #[test]
+    fn replies_are_read_or_called_corrupt() {
+        assert_eq!(integer(&Value::Integer(7)), Ok(7));
+        assert_eq!(integer(&Value::from("18446744073709551615")), Ok(u64::MAX));
+        assert!(matches!(
+            integer(&Value::Integer(-1)),
+            Err(Failure::Corrupt(_))
+        ));
+        assert_eq!(array(Value::Null), Ok(Vec::new()));
+        assert!(matches!(array(Value::from("x")), Err(Failure::Corrupt(_))));
+        assert_eq!(
+            text(&Value::Bytes(bytes::Bytes::from_static(b"ok"))),
+            Ok("ok".to_owned())
+        );
+    }
+}
