@@ -416,8 +416,11 @@ async fn history_store(
                 .await
                 .map_err(failed)?,
         ),
-        // TEMPORARY until the NATS history store lands.
-        Backbone::Nats { .. } => Arc::new(MemoryHistory::new()),
+        Backbone::Nats { url } => Arc::new(
+            chorus_pubsub::history::nats::connect(url, prefix)
+                .await
+                .map_err(failed)?,
+        ),
     })
 }
 

@@ -79,6 +79,9 @@ struct Sequence {
     joiners: Vec<Joiner>,
     /// The epoch before the last change: its late publications are dropped.
     old_epoch: Option<String>,
+    /// Waiting for its first store read: publications are kept, not delivered, until
+    /// the read says where the channel stands.
+    syncing: bool,
 }
 
 impl Sequence {
@@ -94,6 +97,7 @@ impl Sequence {
             tail_max,
             joiners: Vec::new(),
             old_epoch: None,
+            syncing: false,
         }
     }
 
@@ -137,9 +141,18 @@ pub struct Gap {
 
 const SHARDS: usize = 32;
 
+type Shard = Mutex<HashMap<Arc<str>, Sequence>>;
+
+/// How a channel's namespace treats its publications.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules {
+    pub overflow: Overflow,
+    pub retention: Retention,
+}
+
 /// Every history channel with a subscriber on this replica.
 pub struct Sequences {
-    shards: Box<[Mutex<HashMap<Arc<str>, Sequence>>]>,
+    shards: Box<[Shard]>,
     hasher: std::hash::RandomState,
 }
 
@@ -186,17 +199,40 @@ impl Sequences {
     pub fn position(&self, channel: &str) -> Option<(String, u64)> {
         self.shard(channel)
             .get(channel)
+            .filter(|sequence| !sequence.syncing)
             .map(|sequence| (sequence.epoch.clone(), sequence.last))
+    }
+
+    /// Starts keeping `channel`'s publications before knowing where it stands (the
+    /// first subscriber's backbone subscription is being taken, the store not read
+    /// yet): none that arrives meanwhile is lost.
+    pub fn prepare(&self, channel: &str, tail_max: usize) {
+        let mut shard = self.shard(channel);
+        if !shard.contains_key(channel) {
+            let mut sequence = Sequence::new(String::new(), 0, tail_max);
+            sequence.syncing = true;
+            shard.insert(Arc::from(channel), sequence);
+        }
     }
 
     /// Starts following `channel` at `(epoch, last)` unless it is followed already,
     /// keeping at most `tail_max` publications; `warm` are the latest publications up
     /// to `last` (a store read), kept for recoveries.
-    pub fn follow(&self, channel: &str, epoch: &str, last: u64, tail_max: usize, warm: &[Entry]) {
+    pub fn follow(
+        &self,
+        hub: &Hub,
+        channel: &str,
+        epoch: &str,
+        last: u64,
+        tail_max: usize,
+        warm: &[Entry],
+    ) {
         let mut shard = self.shard(channel);
-        if shard.contains_key(channel) {
-            return;
-        }
+        let early = match shard.get_mut(channel) {
+            Some(sequence) if sequence.syncing => std::mem::take(&mut sequence.pending),
+            Some(_) => return,
+            None => BTreeMap::new(),
+        };
         let mut sequence = Sequence::new(epoch.to_owned(), last, tail_max);
         for entry in warm.iter().filter(|e| e.offset <= last) {
             if sequence
@@ -215,6 +251,15 @@ impl Sequences {
             sequence.tail.clear();
             sequence.tail_bytes = 0;
         }
+        // What arrived while the store was read: delivered in order after `last`.
+        sequence.pending = early
+            .into_iter()
+            .filter(|(offset, _)| *offset > last)
+            .collect();
+        while let Some(next) = sequence.pending.remove(&(sequence.last + 1)) {
+            emit(hub, channel, &mut sequence, next);
+        }
+        sequence.waiting_since = (!sequence.pending.is_empty()).then(Instant::now);
         shard.insert(Arc::from(channel), sequence);
     }
 
@@ -229,7 +274,7 @@ impl Sequences {
         let shard = self.shard(channel);
         let sequence = shard.get(channel)?;
         // Ahead of this replica (it heard of it elsewhere): the store knows more.
-        if sequence.epoch != epoch || after > sequence.last {
+        if sequence.syncing || sequence.epoch != epoch || after > sequence.last {
             return None;
         }
         sequence
@@ -243,6 +288,16 @@ impl Sequences {
         let Some(sequence) = shard.get_mut(channel) else {
             return Delivered::Ignored;
         };
+        if sequence.syncing {
+            // Kept until the store read says where the channel stands (an entry of
+            // another epoch than the read's is dropped then).
+            // Bounded: what is dropped here is a gap the store fills after the read.
+            sequence.epoch = epoch.to_owned();
+            if sequence.pending.len() < MAX_PENDING {
+                sequence.pending.insert(entry.offset, entry);
+            }
+            return Delivered::Waiting;
+        }
         if sequence.epoch != epoch {
             if sequence.old_epoch.as_deref() == Some(epoch) {
                 return Delivered::Ignored;
@@ -344,9 +399,10 @@ impl Sequences {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for (channel, sequence) in shard.iter_mut() {
-                let overdue = sequence
-                    .waiting_since
-                    .is_some_and(|since| now.duration_since(since) >= wait)
+                let overdue = !sequence.syncing
+                    && sequence
+                        .waiting_since
+                        .is_some_and(|since| now.duration_since(since) >= wait)
                     || sequence.pending.len() > MAX_PENDING;
                 if overdue && !sequence.filling {
                     sequence.filling = true;
@@ -506,7 +562,7 @@ mod tests {
         let hub = Hub::new(1 << 20, Arc::new(chorus_hub::NoEvents));
         let (_client, mut outbox) = subscribed(&hub);
         let sequences = Sequences::new();
-        sequences.follow("c", "e1", 0, 100, &[]);
+        sequences.follow(&hub, "c", "e1", 0, 100, &[]);
         assert_eq!(
             sequences.deliver(&hub, "c", "e1", entry(2)),
             Delivered::Waiting
@@ -534,7 +590,7 @@ mod tests {
         let hub = Hub::new(1 << 20, Arc::new(chorus_hub::NoEvents));
         let (_client, mut outbox) = subscribed(&hub);
         let sequences = Sequences::new();
-        sequences.follow("c", "e1", 0, 100, &[]);
+        sequences.follow(&hub, "c", "e1", 0, 100, &[]);
         sequences.deliver(&hub, "c", "e1", entry(1));
         sequences.deliver(&hub, "c", "e1", entry(5));
         let gaps = sequences.gaps(Duration::ZERO);
@@ -554,7 +610,7 @@ mod tests {
         let hub = Hub::new(1 << 20, Arc::new(chorus_hub::NoEvents));
         let (_client, mut outbox) = subscribed(&hub);
         let sequences = Sequences::new();
-        sequences.follow("c", "e1", 10, 100, &[]);
+        sequences.follow(&hub, "c", "e1", 10, 100, &[]);
         sequences.deliver(&hub, "c", "e2", entry(1));
         sequences.deliver(&hub, "c", "e1", entry(11));
         assert_eq!(
@@ -567,7 +623,7 @@ mod tests {
     fn a_joiner_gets_what_it_missed_then_live_delivery() {
         let hub = Hub::new(1 << 20, Arc::new(chorus_hub::NoEvents));
         let sequences = Sequences::new();
-        sequences.follow("c", "e1", 0, 100, &[]);
+        sequences.follow(&hub, "c", "e1", 0, 100, &[]);
         let (early, mut early_out) = hub.create_client(chorus_hub::Identity::default());
         hub.register(&early);
         hub.subscribe_held(&early, "c");
@@ -656,6 +712,11 @@ impl Histories {
 
     pub fn idempotency_ttl(&self) -> Duration {
         self.idempotency_ttl
+    }
+
+    /// Most publications a recovery returns (and a channel's tail keeps).
+    pub fn recovery_max(&self) -> usize {
+        self.recovery_max
     }
 
     fn failed(&self, error: &HistoryError) -> RpcError {
@@ -747,6 +808,7 @@ impl Histories {
     /// the channel now. The reply offset is where the client joins live delivery.
     async fn find(
         &self,
+        hub: &Hub,
         channel: &str,
         since: Option<StreamPosition>,
         max_bytes: usize,
@@ -795,6 +857,7 @@ impl Histories {
             })
             .collect();
         self.sequences.follow(
+            hub,
             channel,
             &page.position.epoch,
             page.position.offset,
@@ -927,27 +990,23 @@ impl Histories {
         client: ClientHandle,
         channel: &str,
         since: Option<StreamPosition>,
-        overflow: Overflow,
-        retention: Retention,
+        rules: Rules,
         ready: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> NodeFuture<Recovery> {
+        let Rules {
+            overflow,
+            retention,
+        } = rules;
         let me = Arc::clone(self);
         let channel = channel.to_owned();
         let max_bytes = client.budget() / 2;
         Box::pin(async move {
             ready.await;
             let found = me
-                .find(&channel, since, max_bytes, overflow, retention)
+                .find(&hub, &channel, since, max_bytes, overflow, retention)
                 .await;
             me.read_done(&channel);
-            let found = match found {
-                Ok(found) => found,
-                Err(error) => {
-                    // Not subscribed after all: the client may try again.
-                    hub.unsubscribe(&client, &channel);
-                    return Err(error);
-                }
-            };
+            let found = found?;
             let join_at = found.position.clone();
             let joiner = Arc::clone(&me);
             Ok(Recovery {

@@ -79,7 +79,9 @@ fn health(app: &App) -> Response<Body> {
     let connected = backbone.unwrap_or(true);
     let twin = app.node.twin_node_id_seen();
     let presence_problem = app.node.presence().store().problem();
-    let status = if connected && !twin && presence_problem.is_none() {
+    let history_store = app.node.history().store();
+    let history_problem = history_store.problem();
+    let status = if connected && !twin && presence_problem.is_none() && history_problem.is_none() {
         "ok"
     } else {
         "degraded"
@@ -93,6 +95,7 @@ fn health(app: &App) -> Response<Body> {
             "connections": app.connections(),
             "pubsub": {"adapter": app.config.cluster.backbone.adapter(), "enabled": backbone.is_some(), "connected": connected},
             "presence": {"store": app.node.presence().store().name(), "problem": presence_problem},
+            "history": {"store": history_store.name(), "problem": history_problem},
             "uptime_s": app.started.elapsed().as_secs(),
         }),
     )

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::history::{Entry, GAP_WAIT, Histories, data_of, message_frame};
+use crate::history::{Entry, GAP_WAIT, Histories, Rules, data_of, message_frame};
 use crate::lifecycle::{Reason, rfc3339};
 use crate::metrics::{BackboneSnapshot, PubsubMetrics};
 use crate::presence::{Effects, Presence, timed};
@@ -1032,8 +1032,12 @@ impl Node for ClusterNode {
                     })
                 }));
             }
-            // The backbone holds the channel before the store is read, so that every
-            // publication after the read reaches this replica.
+            // Publications that arrive from now on are kept until the store read says
+            // where the channel stands; the backbone holds the channel before the store
+            // is read, so that every publication after the read reaches this replica.
+            self.history
+                .sequences()
+                .prepare(channel, self.history.recovery_max());
             let ready: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
                 if let Some(joined) = joined {
                     let _ = joined.await;
@@ -1042,15 +1046,32 @@ impl Node for ClusterNode {
                     wait.await;
                 }
             });
-            return Subscribed::History(self.history.recover_for(
+            let recovery = self.history.recover_for(
                 Arc::clone(&self.hub),
                 client.clone(),
                 channel,
                 since,
-                self.overflow(channel),
-                self.retention(channel),
+                Rules {
+                    overflow: self.overflow(channel),
+                    retention: self.retention(channel),
+                },
                 ready,
-            ));
+            );
+            let me = self.me.clone();
+            let client = client.clone();
+            let channel = channel.to_owned();
+            return Subscribed::History(Box::pin(async move {
+                match recovery.await {
+                    Ok(recovery) => Ok(recovery),
+                    Err(error) => {
+                        // Not subscribed after all: the client may try again.
+                        if let Some(node) = me.upgrade() {
+                            node.unsubscribe(&client, &channel);
+                        }
+                        Err(error)
+                    }
+                }
+            }));
         }
         match (joined, held) {
             (None, held) => held,

@@ -39,17 +39,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::connection::State;
+use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::push::OrderedConfig;
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy};
-use async_nats::jetstream::context::{PublishError, PublishErrorKind, RequestErrorKind};
-use async_nats::jetstream::stream::{DirectGetError, DirectGetErrorKind, Stream};
-use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{Client, ConnectOptions, Event, HeaderMap};
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::{self};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -60,22 +57,19 @@ use super::{
     Beat, Connected, Connection, Disconnected, Lost, Member, NodeStatus, Page, PresenceError,
     PresenceStore, Stats, StoreFuture, node_of_client,
 };
-use crate::nats::{
-    CONNECT_TIMEOUT, Credentials, LOG_EVERY, PING_INTERVAL, parse_urls, reconnect_delay,
+use crate::nats::link::{
+    EXPECTED_LAST_SUBJECT_SEQUENCE, Get, LOG_EVERY, Link, MESSAGE_TTL, ReadError, Role, SetupError,
+    StreamReply, WATCH_TICK, WriteError, name_for,
 };
-use crate::{AbortOnDrop, Throttle, redact_url};
+use crate::{AbortOnDrop, Throttle};
 
 const NAME: &str = "nats";
 const UNREACHABLE: PresenceError = PresenceError::Unreachable(NAME);
 
-/// How long one JetStream request (or publish acknowledgement) may take.
-const OP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a read waits for the mirror to catch up with the stream.
 const READ_WAIT: Duration = Duration::from_secs(3);
 /// How long a write waits for the bucket to be set up after a (re)connect.
 const SETUP_WAIT: Duration = Duration::from_secs(3);
-/// How often the connection state is checked while waiting.
-const WATCH_TICK: Duration = Duration::from_millis(20);
 /// Pause between attempts to set the bucket up (and between mirror rebuilds).
 const SETUP_RETRY: Duration = Duration::from_secs(1);
 /// How long a deleted key's tombstone stays (where the server supports TTLs): long
@@ -92,26 +86,13 @@ const APPLY_BATCH: usize = 256;
 const DELETE_BATCH: usize = 256;
 
 const KV_OPERATION: &str = "KV-Operation";
-const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
-const MESSAGE_TTL: &str = "Nats-TTL";
 
 /// The bucket holding the presence of the cluster whose topic prefix is `prefix`:
 /// `chorus-presence-` followed by the prefix with every byte other than `A-Z a-z 0-9 -`
 /// written as `_XX` (upper-case hex). Bucket names allow `A-Z a-z 0-9 _ -` only, and
 /// since `_` always starts an escape, two prefixes never share a bucket.
 pub fn bucket_for(prefix: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut bucket = String::from("chorus-presence-");
-    for byte in prefix.bytes() {
-        if byte.is_ascii_alphanumeric() || byte == b'-' {
-            bucket.push(char::from(byte));
-        } else {
-            bucket.push('_');
-            bucket.push(char::from(HEX[usize::from(byte >> 4)]));
-            bucket.push(char::from(HEX[usize::from(byte & 0x0f)]));
-        }
-    }
-    bucket
+    name_for("chorus-presence-", prefix)
 }
 
 const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -574,36 +555,6 @@ fn remove_indexed(index: &mut HashMap<String, BTreeSet<String>>, key: &str, clie
     }
 }
 
-/// What the JetStream API answers about a stream (the parts used here).
-#[derive(Deserialize)]
-struct StreamReply {
-    #[serde(default)]
-    error: Option<jetstream::Error>,
-    #[serde(default)]
-    config: Option<StreamConfigReply>,
-    #[serde(default)]
-    state: Option<StreamStateReply>,
-}
-
-#[derive(Deserialize)]
-struct StreamConfigReply {
-    #[serde(default)]
-    allow_msg_ttl: bool,
-}
-
-#[derive(Deserialize)]
-struct StreamStateReply {
-    last_seq: u64,
-}
-
-/// Why the bucket could not be set up.
-enum SetupError {
-    /// The server cannot hold it (no JetStream).
-    Unavailable(String),
-    /// Try again (disconnected, timed out).
-    Transient(String),
-}
-
 /// Presence in a NATS JetStream KV bucket (see the module docs).
 pub struct NatsPresence {
     inner: Arc<Inner>,
@@ -620,8 +571,7 @@ impl std::fmt::Debug for NatsPresence {
 }
 
 struct Inner {
-    client: Client,
-    js: jetstream::Context,
+    link: Link,
     stream: Stream<()>,
     stream_name: String,
     /// `$KV.<bucket>.`: a key's subject is this followed by the key.
@@ -643,43 +593,18 @@ impl NatsPresence {
     /// Fails only for a malformed URL. A server that is down is retried forever; calls
     /// fail with [`PresenceError::Unreachable`] meanwhile.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, PresenceError> {
-        let (servers, credentials) =
-            parse_urls(url).map_err(|error| unavailable(&error.to_string()))?;
-        let client_errors = Arc::new(Throttle::new(LOG_EVERY));
-        let mut options = ConnectOptions::new()
-            .name("chorus-presence")
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(CONNECT_TIMEOUT)
-            .ping_interval(PING_INTERVAL)
-            .reconnect_delay_callback(reconnect_delay)
-            .event_callback(move |event| {
-                let client_errors = Arc::clone(&client_errors);
-                async move { log_event(event, &client_errors) }
-            });
-        options = match credentials {
-            Some(Credentials::UserPassword(user, password)) => {
-                options.user_and_password(user, password)
-            }
-            Some(Credentials::Token(token)) => options.token(token),
-            None => options,
-        };
-        let client = options
-            .connect(servers)
+        let link = Link::connect(url, Role::Presence)
             .await
-            .map_err(|error| unavailable(&format!("{}: {error}", redact_url(url))))?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(OP_TIMEOUT)
-            .build(client.clone());
+            .map_err(|error| unavailable(&error.to_string()))?;
         let bucket = bucket_for(prefix);
         let stream_name = format!("KV_{bucket}");
-        let stream = js
+        let stream = link
+            .js()
             .get_stream_no_info(&stream_name)
             .await
             .map_err(|error| unavailable(&format!("bucket {bucket}: {error}")))?;
         let inner = Arc::new(Inner {
-            client,
-            js,
+            link,
             stream,
             stream_name,
             subjects: format!("$KV.{bucket}."),
@@ -702,7 +627,7 @@ impl NatsPresence {
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let ready = self.inner.client.connection_state() == State::Connected
+            let ready = self.inner.link.connected()
                 && matches!(*self.inner.setup.borrow(), Setup::Ready { .. })
                 && self.inner.progress.borrow().loaded;
             if ready {
@@ -721,24 +646,6 @@ impl NatsPresence {
     }
 }
 
-fn log_event(event: Event, client_errors: &Throttle) {
-    match event {
-        Event::Connected => tracing::info!(store = NAME, "presence store connected"),
-        Event::Disconnected => {
-            tracing::warn!(store = NAME, "presence store disconnected, reconnecting")
-        }
-        Event::ClientError(error) => {
-            if let Some(count) = client_errors.record(1) {
-                tracing::warn!(store = NAME, %error, count, "presence store client error");
-            }
-        }
-        Event::ServerError(error) => {
-            tracing::warn!(store = NAME, %error, "presence store server error")
-        }
-        other => tracing::debug!(store = NAME, event = %other, "presence store event"),
-    }
-}
-
 impl Inner {
     fn mirror(&self) -> MutexGuard<'_, Mirror> {
         self.mirror
@@ -747,11 +654,11 @@ impl Inner {
     }
 
     fn connected(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        self.link.connected()
     }
 
     fn connects(&self) -> u64 {
-        self.client.statistics().connects.load(Ordering::Acquire)
+        self.link.connects()
     }
 
     /// Fails at once when the store cannot be used now.
@@ -772,20 +679,10 @@ impl Inner {
         work: impl Future<Output = Result<T, PresenceError>>,
     ) -> Result<T, PresenceError> {
         self.usable()?;
-        tokio::select! {
-            biased;
-            result = work => result,
-            () = self.connection_lost() => Err(UNREACHABLE),
-        }
-    }
-
-    async fn connection_lost(&self) {
-        loop {
-            tokio::time::sleep(WATCH_TICK).await;
-            if !self.connected() {
-                return;
-            }
-        }
+        self.link
+            .while_connected(work)
+            .await
+            .unwrap_or(Err(UNREACHABLE))
     }
 
     /// Whether tombstones can carry a TTL; waits (briefly) for the bucket to be set up.
@@ -833,44 +730,31 @@ impl Inner {
         let subject = format!("{}{key}", self.subjects);
         let written = self
             .guarded(async {
-                let ack = match self
-                    .js
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                {
-                    Ok(ack) => ack,
-                    Err(error) => return self.publish_failed(&error),
-                };
-                match ack.await {
+                match self.link.publish(subject, headers, payload).await {
                     Ok(ack) => Ok(Some(ack.sequence)),
-                    Err(error) => self.publish_failed(&error),
+                    Err(WriteError::Conflict) => Ok(None),
+                    Err(WriteError::Unreachable) => Err(UNREACHABLE),
+                    Err(WriteError::Gone) => {
+                        // The bucket is gone (or JetStream is): the mirror task sets it
+                        // up again.
+                        self.rebuild.notify_one();
+                        Err(UNREACHABLE)
+                    }
+                    Err(WriteError::Refused(why)) => {
+                        Err(corrupt(format_args!("write refused: {why}")))
+                    }
                 }
             })
             .await?;
         written.ok_or(Fail::Conflict)
     }
 
-    /// What a refused write means: `Ok(None)` for a lost compare-and-set.
-    fn publish_failed(&self, error: &PublishError) -> Result<Option<u64>, PresenceError> {
-        match error.kind() {
-            PublishErrorKind::WrongLastSequence => Ok(None),
-            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => Err(UNREACHABLE),
-            PublishErrorKind::StreamNotFound => {
-                // The bucket is gone (or JetStream is): the mirror task sets it up again.
-                self.rebuild.notify_one();
-                Err(UNREACHABLE)
-            }
-            _ if !self.connected() => Err(UNREACHABLE),
-            _ => Err(corrupt(format_args!("write refused: {error}"))),
-        }
-    }
-
     /// The last record of `key` (a tombstone too); `None` when it has none.
     async fn read(&self, key: &str) -> Result<Option<Record>, PresenceError> {
         let subject = format!("{}{key}", self.subjects);
         self.guarded(async {
-            match self.stream.direct_get_last_for_subject(subject).await {
-                Ok(message) => {
+            match self.link.get(&self.stream_name, Get::Last(&subject)).await {
+                Ok(Some(message)) => {
                     let deleted = message
                         .headers
                         .get(KV_OPERATION)
@@ -881,42 +765,22 @@ impl Inner {
                         written_ns: message.time.unix_timestamp_nanos(),
                     }))
                 }
-                Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
-                Err(error) => Err(self.read_failed(&error)),
+                Ok(None) => Ok(None),
+                Err(ReadError::Unreachable) => Err(UNREACHABLE),
+                Err(ReadError::Gone) => {
+                    self.rebuild.notify_one();
+                    Err(UNREACHABLE)
+                }
+                Err(ReadError::Refused(_)) if !self.connected() => Err(UNREACHABLE),
+                Err(ReadError::Refused(why)) => Err(corrupt(format_args!("read refused: {why}"))),
             }
         })
         .await
     }
 
-    fn read_failed(&self, error: &DirectGetError) -> PresenceError {
-        match error.kind() {
-            DirectGetErrorKind::TimedOut | DirectGetErrorKind::Request => UNREACHABLE,
-            DirectGetErrorKind::ErrorResponse(status, _) if status.as_u16() == 503 => {
-                self.rebuild.notify_one();
-                UNREACHABLE
-            }
-            _ if !self.connected() => UNREACHABLE,
-            _ => corrupt(format_args!("read refused: {error}")),
-        }
-    }
-
     /// Asks the server about the bucket's stream; `Ok(None)` when it does not exist.
     async fn stream_info(&self) -> Result<Option<StreamReply>, SetupError> {
-        let subject = format!("STREAM.INFO.{}", self.stream_name);
-        let reply: Result<StreamReply, _> = self.js.request(subject, &serde_json::json!({})).await;
-        match reply {
-            Ok(reply) => match &reply.error {
-                None => Ok(Some(reply)),
-                Some(error) if error.error_code() == ErrorCode::STREAM_NOT_FOUND => Ok(None),
-                Some(error) => Err(jetstream_refused(error)),
-            },
-            Err(error) => match error.kind() {
-                RequestErrorKind::NoResponders => Err(SetupError::Unavailable(
-                    "JetStream is not enabled on the NATS server".to_owned(),
-                )),
-                _ => Err(SetupError::Transient(error.to_string())),
-            },
-        }
+        self.link.stream_info(&self.stream_name).await
     }
 
     /// The stream's last sequence: every write completed so far has one at most this.
@@ -1422,28 +1286,9 @@ impl Inner {
             "allow_direct": true,
             "allow_msg_ttl": true,
         });
-        let subject = format!("STREAM.CREATE.{}", self.stream_name);
-        let reply: StreamReply =
-            self.js
-                .request(subject, &config)
-                .await
-                .map_err(|error| match error.kind() {
-                    RequestErrorKind::NoResponders => SetupError::Unavailable(
-                        "JetStream is not enabled on the NATS server".to_owned(),
-                    ),
-                    _ => SetupError::Transient(error.to_string()),
-                })?;
-        match reply.error {
-            None => Ok(reply.config.is_some_and(|config| config.allow_msg_ttl)),
-            // Created meanwhile by another replica (with another config: use it as is).
-            Some(error) if error.error_code() == ErrorCode::STREAM_NAME_EXIST => {
-                match self.stream_info().await? {
-                    Some(reply) => Ok(reply.config.is_some_and(|config| config.allow_msg_ttl)),
-                    None => Err(SetupError::Transient("the bucket vanished".to_owned())),
-                }
-            }
-            Some(error) => Err(jetstream_refused(&error)),
-        }
+        // Created meanwhile by another replica (perhaps with another config): used as is.
+        let reply = self.link.create_stream(&config).await?;
+        Ok(reply.config.is_some_and(|config| config.allow_msg_ttl))
     }
 
     /// Rebuilds the mirror and follows the bucket until the connection changes, the
@@ -1456,7 +1301,7 @@ impl Inner {
         let consumer = self
             .stream
             .create_consumer(OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
+                deliver_subject: self.link.client().new_inbox(),
                 description: Some("chorus presence mirror".to_owned()),
                 filter_subject: format!("{}>", self.subjects),
                 deliver_policy: DeliverPolicy::LastPerSubject,
@@ -1561,19 +1406,6 @@ fn fail_error(fail: Fail) -> PresenceError {
     match fail {
         Fail::Conflict => UNREACHABLE,
         Fail::Error(error) => error,
-    }
-}
-
-fn jetstream_refused(error: &jetstream::Error) -> SetupError {
-    let code = error.error_code();
-    let not_enabled = code == ErrorCode::JETSTREAM_NOT_ENABLED
-        || code == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT;
-    if !not_enabled && error.code() == 503 {
-        // Temporarily unavailable (say, a JetStream cluster electing a leader).
-        SetupError::Transient(error.to_string())
-    } else {
-        // Not enabled, out of resources, over a limit: the operator must act.
-        SetupError::Unavailable(error.to_string())
     }
 }
 
@@ -1823,19 +1655,7 @@ mod tests {
     }
 
     #[test]
-    fn bucket_names_are_valid_and_distinct() {
-        let prefixes = ["", "chorus", "a.b", "a_2Eb", "a:b", "A-z_0", "x.y:z-1"];
-        let mut seen = std::collections::HashSet::new();
-        for prefix in prefixes {
-            let bucket = bucket_for(prefix);
-            assert!(
-                bucket
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
-                "{bucket}"
-            );
-            assert!(seen.insert(bucket), "{prefix:?} collides");
-        }
+    fn bucket_names_are_distinct() {
         assert_eq!(bucket_for("a.b"), "chorus-presence-a_2Eb");
         assert_eq!(bucket_for("a_2Eb"), "chorus-presence-a_5F2Eb");
     }

@@ -154,6 +154,15 @@ impl Server {
         self.child = Some(child);
     }
 
+    /// Deletes what a stopped server stored (NATS: JetStream's directory; Redis runs
+    /// without persistence and comes back empty anyway), as a lost disk would.
+    pub fn lose_storage(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        if let Some(dir) = &self.jetstream_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     /// Kills the server, as a crash would.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -68,7 +68,8 @@ async fn a_store_restarted_empty_starts_a_new_epoch(kind: Kind, mut backbone: Se
     let mut publisher = Client::connect(addrs[1]).await;
     publish_many(&mut publisher, "hist:fragile", 3, "old").await;
     backbone.stop();
-    backbone.restart(); // Redis runs without persistence: it comes back empty.
+    backbone.lose_storage();
+    backbone.restart();
     let after = loop {
         let reply = publisher
             .call("publish", json!({"channel": "hist:fragile", "data": "new"}))
@@ -121,4 +122,9 @@ async fn nats_history_recovery_order_and_idempotency() {
 #[tokio::test]
 async fn redis_a_store_restarted_empty_starts_a_new_epoch() {
     a_store_restarted_empty_starts_a_new_epoch(Kind::Redis, Server::start(Kind::Redis)).await;
+}
+
+#[tokio::test]
+async fn nats_a_store_restarted_empty_starts_a_new_epoch() {
+    a_store_restarted_empty_starts_a_new_epoch(Kind::Nats, Server::start(Kind::Nats)).await;
 }

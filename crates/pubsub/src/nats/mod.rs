@@ -21,6 +21,11 @@
 //! the event callback: async-nats sends events with `try_send` into a 128-slot channel,
 //! so a burst of slow-consumer events can crowd out a Connected or Disconnected event,
 //! while the watch is updated on every transition. The callback logs and counts.
+//!
+//! Connecting, the connection state and the JetStream requests of the stores are shared
+//! with the presence and history stores: see [`link`].
+
+pub(crate) mod link;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -28,13 +33,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::connection::State;
-use async_nats::{Client, ConnectOptions, Event, ServerAddr, Subscriber};
+use async_nats::{Client, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle, redact_url};
+use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle};
+use link::{EMPTY_TOKEN, LOG_EVERY, Options, Role, connected, hex_value, is_plain, token_for};
 
 const NAME: &str = "nats";
 
@@ -45,25 +50,11 @@ const SUBSCRIPTION_QUEUE: usize = 4096;
 /// Messages async-nats buffers per subscription before it drops them as a slow consumer
 /// (its default, 65 536, can hold a lot of memory per topic).
 const SUBSCRIPTION_CAPACITY: usize = 4096;
-/// How long a TCP connect and handshake may take.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Client PINGs; two unanswered ones drop the connection (the default is 60 s).
-pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(5);
-/// Reconnect backoff: at once, then 50 ms doubling up to 1 s, forever.
-const RECONNECT_FIRST: Duration = Duration::from_millis(50);
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
-/// How often a repeated warning (slow consumer, lost publications) is logged at most.
-pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 /// (Un)subscriptions applied together, then confirmed by one marker.
 const SUBSCRIPTION_BATCH: usize = 512;
 /// How long a marker may take to come back before the subscriptions it would confirm
 /// are reported as not held.
 const MARKER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Token standing for an empty token (`a..b`, `x.`): a lone `%` is never produced by
-/// escaping, which always writes `%` followed by two hex digits.
-const EMPTY_TOKEN: &str = "%";
-const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 enum SubscriptionOp {
     /// Subscribe, and say on the sender once the server holds it.
@@ -82,7 +73,7 @@ enum Outbound {
 #[derive(Default)]
 struct Losses {
     /// Received messages async-nats dropped because a subscription's buffer was full.
-    received: AtomicU64,
+    received: Arc<AtomicU64>,
     /// Accepted publications that never reached async-nats (connection lost, too large).
     published: AtomicU64,
 }
@@ -114,30 +105,11 @@ impl std::fmt::Debug for NatsBackbone {
 /// separators, so `websocket.broadcast` is still that subject and wildcards can watch a
 /// prefix; the mapping is one-to-one, and valid for any topic, not only channel names.
 pub fn subject_for(topic: &str) -> String {
-    let mut subject = String::with_capacity(topic.len() + 4);
-    for (index, token) in topic.split('.').enumerate() {
-        if index > 0 {
-            subject.push('.');
-        }
-        if token.is_empty() {
-            subject.push_str(EMPTY_TOKEN);
-            continue;
-        }
-        for byte in token.bytes() {
-            if is_plain(byte) {
-                subject.push(char::from(byte));
-            } else {
-                subject.push('%');
-                subject.push(char::from(HEX[usize::from(byte >> 4)]));
-                subject.push(char::from(HEX[usize::from(byte & 0x0f)]));
-            }
-        }
-    }
-    subject
-}
-
-fn is_plain(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b':' | b'@' | b'/' | b'=')
+    topic
+        .split('.')
+        .map(token_for)
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// The topic a subject made by [`subject_for`] stands for; `None` for other subjects.
@@ -173,89 +145,11 @@ pub fn topic_for(subject: &str) -> Option<String> {
     String::from_utf8(topic).ok()
 }
 
-fn hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'A'..=b'F' => Some(digit - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Credentials embedded in a URL; async-nats 0.51 ignores them unless passed explicitly.
-pub(crate) enum Credentials {
-    UserPassword(String, String),
-    Token(String),
-}
-
 /// Checks that `url` is a NATS address this adapter can use
 /// (`nats://[user:pass@|token@]host[:port]`, `tls://...`, or a comma-separated list of
 /// them for a cluster), without connecting.
 pub fn validate_url(url: &str) -> Result<(), PubsubError> {
-    parse_urls(url).map(|_| ())
-}
-
-pub(crate) fn parse_urls(url: &str) -> Result<(Vec<ServerAddr>, Option<Credentials>), PubsubError> {
-    let invalid = |part: &str, why: &str| {
-        PubsubError::InvalidUrl(format!("{}: {why}", redact_url(part.trim())))
-    };
-    let mut servers = Vec::new();
-    let mut credentials = None;
-    for part in url.split(',') {
-        let part = part.trim();
-        if part.is_empty() {
-            return Err(invalid(url, "expected nats://host:port"));
-        }
-        let server: ServerAddr = part
-            .parse()
-            .map_err(|error: std::io::Error| invalid(part, &error.to_string()))?;
-        if server.is_websocket() {
-            return Err(invalid(
-                part,
-                "WebSocket URLs are not supported by this build",
-            ));
-        }
-        if server.host().is_empty() {
-            return Err(invalid(part, "the host is missing"));
-        }
-        if credentials.is_none() {
-            credentials = match (server.username(), server.password()) {
-                (Some(user), Some(password)) => Some(Credentials::UserPassword(
-                    percent_decode(user),
-                    percent_decode(password),
-                )),
-                (Some(token), None) => Some(Credentials::Token(percent_decode(token))),
-                _ => None,
-            };
-        }
-        servers.push(server);
-    }
-    Ok((servers, credentials))
-}
-
-/// Undoes URL percent-encoding in a user name or password; malformed escapes stay as is.
-fn percent_decode(text: &str) -> String {
-    let raw = text.as_bytes();
-    let mut out = Vec::with_capacity(raw.len());
-    let mut at = 0;
-    while at < raw.len() {
-        let escaped = match raw.get(at..at + 3) {
-            Some(&[b'%', high, low]) => hex_value(high.to_ascii_uppercase())
-                .zip(hex_value(low.to_ascii_uppercase()))
-                .map(|(high, low)| (high << 4) | low),
-            _ => None,
-        };
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                at += 3;
-            }
-            None => {
-                out.push(raw[at]);
-                at += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    link::parse_urls(url).map(|_| ())
 }
 
 impl NatsBackbone {
@@ -265,37 +159,16 @@ impl NatsBackbone {
     /// Fails only for a malformed URL. A server that is down is retried forever: the
     /// adapter reports itself disconnected until it gets through.
     pub async fn connect(url: &str, incoming: mpsc::Sender<Incoming>) -> Result<Self, PubsubError> {
-        let (servers, credentials) = parse_urls(url)?;
         let losses = Arc::new(Losses::default());
-        let events = EventLog {
-            losses: Arc::clone(&losses),
-            slow_consumers: Throttle::new(LOG_EVERY),
-            client_errors: Throttle::new(LOG_EVERY),
-        };
-        let events = Arc::new(events);
-        let mut options = ConnectOptions::new()
-            .name("chorus")
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(CONNECT_TIMEOUT)
-            .ping_interval(PING_INTERVAL)
-            .subscription_capacity(SUBSCRIPTION_CAPACITY)
-            .reconnect_delay_callback(reconnect_delay)
-            .event_callback(move |event| {
-                let events = Arc::clone(&events);
-                async move { events.record(event) }
-            });
-        options = match credentials {
-            Some(Credentials::UserPassword(user, password)) => {
-                options.user_and_password(user, password)
-            }
-            Some(Credentials::Token(token)) => options.token(token),
-            None => options,
-        };
-        let client = options
-            .connect(servers)
-            .await
-            .map_err(|error| PubsubError::InvalidUrl(format!("{}: {error}", redact_url(url))))?;
+        let client = link::connect(
+            url,
+            Options {
+                role: Role::Backbone,
+                subscription_capacity: Some(SUBSCRIPTION_CAPACITY),
+                slow_consumers: Some(Arc::clone(&losses.received)),
+            },
+        )
+        .await?;
 
         let (publications, publication_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (subscriptions, subscription_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
@@ -342,7 +215,7 @@ impl Backbone for NatsBackbone {
     }
 
     fn is_connected(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        connected(&self.client)
     }
 
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PubsubError> {
@@ -372,7 +245,7 @@ impl Backbone for NatsBackbone {
     }
 
     fn generation(&self) -> u64 {
-        self.client.statistics().connects.load(Ordering::Acquire)
+        link::connects(&self.client)
     }
 
     fn flush(&self) -> Pending {
@@ -401,69 +274,20 @@ where
     AbortOnDrop(tokio::spawn(task).abort_handle())
 }
 
-/// async-nats counts attempts from 1 per server; its own default backs off to 4 s.
-pub(crate) fn reconnect_delay(attempts: usize) -> Duration {
-    if attempts <= 1 {
-        return Duration::ZERO;
-    }
-    let doublings = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
-    RECONNECT_FIRST
-        .saturating_mul(1 << doublings)
-        .min(RECONNECT_MAX)
-}
-
-/// What the event callback needs: async-nats reports a slow consumer once per dropped
-/// message (and logs each event at info itself, under the `async_nats` target).
-struct EventLog {
-    losses: Arc<Losses>,
-    slow_consumers: Throttle,
-    client_errors: Throttle,
-}
-
-impl EventLog {
-    fn record(&self, event: Event) {
-        match event {
-            Event::Connected => tracing::info!(adapter = NAME, "connected"),
-            Event::Disconnected => tracing::warn!(adapter = NAME, "disconnected, reconnecting"),
-            Event::SlowConsumer(_) => {
-                self.losses.received.fetch_add(1, Ordering::Relaxed);
-                if let Some(lost) = self.slow_consumers.record(1) {
-                    tracing::warn!(
-                        adapter = NAME,
-                        lost,
-                        "received messages lost: this replica reads them too slowly"
-                    );
-                }
-            }
-            Event::ClientError(error) => {
-                // Repeats on every failed reconnect attempt.
-                if let Some(count) = self.client_errors.record(1) {
-                    tracing::warn!(adapter = NAME, %error, count, "client error");
-                }
-            }
-            Event::ServerError(error) => tracing::warn!(adapter = NAME, %error, "server error"),
-            Event::LameDuckMode => {
-                tracing::info!(adapter = NAME, "server entering lame duck mode")
-            }
-            Event::Draining | Event::Closed => tracing::debug!(adapter = NAME, %event, "event"),
-        }
-    }
-}
-
 async fn publish_loop(client: Client, mut queue: mpsc::Receiver<Outbound>, losses: Arc<Losses>) {
     let throttle = Throttle::new(LOG_EVERY);
     while let Some(outbound) = queue.recv().await {
         let (subject, payload) = match outbound {
             Outbound::Publish(subject, payload) => (subject, payload),
             Outbound::Flush(done) => {
-                if client.connection_state() == State::Connected {
+                if connected(&client) {
                     let _ = client.flush().await;
                 }
                 let _ = done.send(());
                 continue;
             }
         };
-        let outcome = if client.connection_state() == State::Connected {
+        let outcome = if connected(&client) {
             // Waits only while async-nats' own queue is full.
             client
                 .publish(subject, payload)
@@ -522,9 +346,7 @@ async fn subscription_loop(
             continue;
         }
         let confirmed = match &mut markers {
-            Some(markers) if client.connection_state() == State::Connected => {
-                markers.round_trip(&client).await
-            }
+            Some(markers) if connected(&client) => markers.round_trip(&client).await,
             _ => false,
         };
         for answer in answers.drain(..) {
@@ -697,32 +519,10 @@ mod tests {
     }
 
     #[test]
-    fn url_credentials_are_used_and_decoded() {
-        let Ok((servers, Some(Credentials::UserPassword(user, password)))) =
-            parse_urls("nats://me:p%40ss@h:4222")
-        else {
-            panic!("user and password are read");
-        };
-        assert_eq!(
-            (servers.len(), user.as_str(), password.as_str()),
-            (1, "me", "p@ss")
-        );
-        assert!(matches!(
-            parse_urls("nats://s3cret@h"),
-            Ok((_, Some(Credentials::Token(token)))) if token == "s3cret"
-        ));
+    fn url_credentials_are_hidden_in_errors() {
         let Err(PubsubError::InvalidUrl(text)) = validate_url("ws://u:hunter2@h") else {
             panic!("a WebSocket URL is refused");
         };
         assert!(!text.contains("hunter2"), "{text}");
-    }
-
-    #[test]
-    fn reconnect_backoff_is_capped_at_a_second() {
-        assert_eq!(reconnect_delay(1), Duration::ZERO);
-        assert_eq!(reconnect_delay(2), RECONNECT_FIRST);
-        assert_eq!(reconnect_delay(3), RECONNECT_FIRST * 2);
-        assert_eq!(reconnect_delay(100), RECONNECT_MAX);
-        assert_eq!(reconnect_delay(usize::MAX), RECONNECT_MAX);
     }
 }
