@@ -4,9 +4,12 @@ use chorus_bench::Common;
 use chorus_bench::conn::Target;
 use chorus_bench::fanout::{self, FanoutOpts};
 use chorus_bench::idle::{self, IdleOpts, WorkerOpts};
-use chorus_bench::replicas;
+use chorus_bench::presence::{self, PresenceOpts};
+use chorus_bench::replicas::{self, ReplicaOpts};
 use chorus_bench::report::{self, Report};
 use chorus_bench::rpc::{self, RpcOpts};
+use chorus_bench::send::{self, SendOpts};
+use chorus_bench::store::Probe;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,7 +18,7 @@ const USAGE: &str = "\
 chorus-bench: load generator for the Chorus JSON-RPC WebSocket server
 
 USAGE:
-  chorus-bench <idle|fanout|rpc|cluster> [OPTIONS]
+  chorus-bench <idle|fanout|rpc|cluster|presence|send> [OPTIONS]
   chorus-bench report [--baseline LABEL] FILE_OR_DIR...   (Markdown from --json results)
 
 COMMON OPTIONS:
@@ -49,6 +52,32 @@ rpc:      --conns K (100)  --depth D (10)  --requests N per conn (2000)
           --duration S (10)  --payload BYTES (32)
 cluster:  needs 2+ URLs; publisher on the first; --subs-per-replica N (1000)
           --messages M (5000)  --rate PER_S (1000)  and the fanout options
+presence: --members N (20000) connections, one user each, spread over the replicas
+          (worker processes), all subscribing at once to --channel (room:bench, a
+          namespace with presence: true); then one measuring client per replica makes
+          --stats-calls N (2000) presence_stats calls and --walks N (5) walks over the
+          whole channel in pages of --page N (100), one call at a time each, the
+          clients side by side; checks every walk returns each member exactly once.
+          Reports the join rate, latencies, and the store's growth per connection
+          and per member from --memory-probe URL: redis://HOST:PORT (INFO memory
+          used_memory) or http://HOST:PORT (nats-server -m: the presence bucket's
+          stream bytes); default: the --backbone when it is Redis.
+          Needs tokens (--jwt-secret); every token grants the channel.
+send:     --users N (19000) connected users held by worker processes; this process
+          connects --targets N (300) more users, spread over the replicas, each also
+          subscribed to its own channel user:<i>:inbox; then POST /api with
+          --api-key KEY (or CHORUS_BENCH_API_KEY) through the replicas in turn:
+          --messages M (30000) calls per phase, --in-flight N (32) at once,
+          --rate PER_S (0 = flat out), --payload BYTES (64), --drain S (5);
+          phases alternate send {users: [one target]} and publish to the target's
+          channel (the same-run peer), --rounds K (3) of each. Reports deliveries/s,
+          latency from the POST's start to the target's receipt (local: posted to
+          the target's own replica; remote: the others), losses, duplicates.
+presence and send with --replicas R and no --url start R chorus processes as for
+idle (--backbone, --server-bin), with auth on (a generated --jwt-secret unless
+given), WS_API_KEY (--api-key, generated unless given) and, for presence,
+WS_NAMESPACES='{<the channel's namespace>: {presence: true}}'.
+--jwt-grant PATTERN (repeat): more channel patterns in every minted token.
 ";
 
 #[derive(Debug, Default)]
@@ -73,6 +102,18 @@ struct Args {
     server_bin: Option<PathBuf>,
     backbone: Option<String>,
     jwt_secret: Option<String>,
+    jwt_grants: Vec<String>,
+    // presence / send
+    members: Option<usize>,
+    stats_calls: Option<usize>,
+    walks: Option<usize>,
+    page: Option<usize>,
+    memory_probe: Option<String>,
+    users: Option<usize>,
+    targets: Option<usize>,
+    in_flight: Option<usize>,
+    rounds: Option<usize>,
+    api_key: Option<String>,
     // fanout / cluster
     subs: Option<usize>,
     subs_per_replica: Option<usize>,
@@ -86,6 +127,8 @@ struct Args {
     depth: Option<usize>,
     requests: Option<u64>,
     duration: Option<f64>,
+    /// The replicas were started by this process (not given with --url).
+    urls_were_started: bool,
     // report
     baseline: Option<String>,
     files: Vec<PathBuf>,
@@ -131,6 +174,17 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("server-bin") => a.server_bin = Some(p.value()?.parse()?),
             Long("backbone") => a.backbone = Some(p.value()?.parse()?),
             Long("jwt-secret") => a.jwt_secret = Some(p.value()?.parse()?),
+            Long("jwt-grant") => a.jwt_grants.push(p.value()?.parse()?),
+            Long("members") => a.members = Some(p.value()?.parse()?),
+            Long("stats-calls") => a.stats_calls = Some(p.value()?.parse()?),
+            Long("walks") => a.walks = Some(p.value()?.parse()?),
+            Long("page") => a.page = Some(p.value()?.parse()?),
+            Long("memory-probe") => a.memory_probe = Some(p.value()?.parse()?),
+            Long("users") => a.users = Some(p.value()?.parse()?),
+            Long("targets") => a.targets = Some(p.value()?.parse()?),
+            Long("in-flight") => a.in_flight = Some(p.value()?.parse()?),
+            Long("rounds") => a.rounds = Some(p.value()?.parse()?),
+            Long("api-key") => a.api_key = Some(p.value()?.parse()?),
             Long("subs") => a.subs = Some(p.value()?.parse()?),
             Long("subs-per-replica") => a.subs_per_replica = Some(p.value()?.parse()?),
             Long("messages") => a.messages = Some(p.value()?.parse()?),
@@ -182,7 +236,43 @@ fn common(a: &Args) -> Result<Common, String> {
         .clone()
         .or_else(|| std::env::var("CHORUS_BENCH_JWT_SECRET").ok())
         .filter(|secret| !secret.is_empty());
+    c.jwt_grants.clone_from(&a.jwt_grants);
+    if a.cmd == "presence" {
+        // Every member and measuring client may use the presence channel.
+        c.jwt_grants.push(presence_channel(a));
+    }
     Ok(c)
+}
+
+fn presence_channel(a: &Args) -> String {
+    a.channel
+        .clone()
+        .unwrap_or_else(|| PresenceOpts::default().channel)
+}
+
+fn api_key(a: &Args) -> Option<String> {
+    a.api_key
+        .clone()
+        .or_else(|| std::env::var("CHORUS_BENCH_API_KEY").ok())
+        .filter(|key| !key.is_empty())
+}
+
+/// A secret for servers this process starts itself: not guessable by other users of
+/// the machine while the run lasts.
+fn generated_secret(what: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = format!("chorus-bench-{what}-");
+    for _ in 0..4 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
 }
 
 async fn run(a: &Args, c: &Common) -> Result<Report, String> {
@@ -280,6 +370,80 @@ async fn run(a: &Args, c: &Common) -> Result<Report, String> {
             }
             Ok(rpc::run(c, &o).await)
         }
+        "presence" => {
+            let mut o = PresenceOpts {
+                channel: presence_channel(a),
+                server_pids: a.server_pids.clone(),
+                ..PresenceOpts::default()
+            };
+            if let Some(n) = a.members {
+                o.members = n;
+            }
+            if let Some(n) = a.per_worker {
+                o.per_worker = n.clamp(1, 19_000);
+            }
+            if let Some(n) = a.stats_calls {
+                o.stats_calls = n;
+            }
+            if let Some(n) = a.walks {
+                o.walks = n;
+            }
+            if let Some(n) = a.page {
+                o.page = n.clamp(1, 1000);
+            }
+            let probe = a.memory_probe.clone().or_else(|| {
+                a.backbone
+                    .clone()
+                    .filter(|b| b.starts_with("redis://") && a.urls_were_started)
+            });
+            if let Some(url) = probe {
+                o.probe = Some(Probe::parse(&url, replicas::DEFAULT_PREFIX)?);
+            }
+            if c.jwt_secret.is_none() {
+                return Err(
+                    "presence needs tokens: --jwt-secret (the servers' WS_JWT_SECRET)".into(),
+                );
+            }
+            Ok(presence::run(c, &o).await)
+        }
+        "send" => {
+            let mut o = SendOpts {
+                api_key: api_key(a).unwrap_or_default(),
+                server_pids: a.server_pids.clone(),
+                ..SendOpts::default()
+            };
+            if let Some(n) = a.users {
+                o.users = n;
+            }
+            if let Some(n) = a.targets {
+                o.targets = n;
+            }
+            if let Some(n) = a.per_worker {
+                o.per_worker = n.clamp(1, 19_000);
+            }
+            if let Some(m) = a.messages {
+                o.messages = m;
+            }
+            if let Some(n) = a.rounds {
+                o.rounds = n;
+            }
+            if let Some(n) = a.in_flight {
+                o.requests = n.max(1);
+            }
+            if let Some(r) = a.rate {
+                o.rate = r.max(0.0);
+            }
+            if let Some(p) = a.payload {
+                o.payload = p;
+            }
+            if let Some(d) = a.drain {
+                o.drain = secs(d)?;
+            }
+            if c.jwt_secret.is_none() {
+                return Err("send needs tokens: --jwt-secret (the servers' WS_JWT_SECRET)".into());
+            }
+            Ok(send::run(c, &o).await)
+        }
         other => Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
     }
 }
@@ -345,22 +509,46 @@ async fn main() -> ExitCode {
             }
         };
     }
-    // `idle --replicas R` without URLs: the servers are ours to start and stop.
+    // `idle`, `presence` or `send` with `--replicas R` and without URLs: the servers
+    // are ours to start and stop.
     let _replicas = match (a.cmd.as_str(), a.replicas) {
-        ("idle", Some(count)) if a.urls.is_empty() && count > 0 => {
+        ("idle" | "presence" | "send", Some(count)) if a.urls.is_empty() && count > 0 => {
             let Some(bin) = a.server_bin.clone().or_else(replicas::default_server_bin) else {
                 eprintln!("chorus-bench: cannot locate chorus; pass --server-bin");
                 return ExitCode::from(2);
             };
-            let secret = a
+            let mut secret = a
                 .jwt_secret
                 .clone()
                 .or_else(|| std::env::var("CHORUS_BENCH_JWT_SECRET").ok())
                 .filter(|secret| !secret.is_empty());
-            match replicas::spawn(&bin, count, a.backbone.as_deref(), secret.as_deref()).await {
+            let mut env = Vec::new();
+            if a.cmd != "idle" {
+                let secret = secret.get_or_insert_with(|| generated_secret("jwt"));
+                a.jwt_secret = Some(secret.clone());
+                let key = api_key(&a).unwrap_or_else(|| generated_secret("api"));
+                a.api_key = Some(key.clone());
+                env.push(("WS_API_KEY".to_string(), key));
+            }
+            if a.cmd == "presence" {
+                let channel = presence_channel(&a);
+                let namespace = channel.split(':').next().unwrap_or_default().to_string();
+                env.push((
+                    "WS_NAMESPACES".to_string(),
+                    serde_json::json!({ namespace: {"presence": true} }).to_string(),
+                ));
+            }
+            let o = ReplicaOpts {
+                backbone: a.backbone.clone(),
+                jwt_secret: secret,
+                prefix: None,
+                env,
+            };
+            match replicas::spawn(&bin, count, &o).await {
                 Ok(started) => {
                     a.urls = started.targets.iter().map(|t| t.url.clone()).collect();
                     a.server_pids.clone_from(&started.pids);
+                    a.urls_were_started = true;
                     Some(started)
                 }
                 Err(e) => {
@@ -390,6 +578,7 @@ async fn main() -> ExitCode {
             target: c.urls[0].clone(),
             conns: a.conns.unwrap_or(0),
             index_base: a.index_base,
+            channel: a.channel.clone(),
         };
         return match idle::worker(&c, &o, hard).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
-//! Server processes the load generator starts itself: `idle --replicas R` without
-//! `--url` runs R `chorus` processes on loopback, on a backbone when one is given,
-//! and stops them when the run ends.
+//! Server processes the load generator starts itself: `idle`, `presence` or `send`
+//! with `--replicas R` and without `--url` runs R `chorus` processes on loopback, on a
+//! backbone when one is given, and stops them when the run ends.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,16 +30,32 @@ pub fn default_server_bin() -> Option<PathBuf> {
     Some(exe.with_file_name("chorus"))
 }
 
-/// Starts `count` servers from `bin` on free loopback ports. `backbone` is a
-/// `redis://` or `nats://` URL; without one each replica runs standalone, which is
-/// enough to hold idle connections. With a JWT secret, the servers require tokens
-/// signed with it.
-pub async fn spawn(
-    bin: &Path,
-    count: usize,
-    backbone: Option<&str>,
-    jwt_secret: Option<&str>,
-) -> Result<Replicas, String> {
+/// How the replicas are configured.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaOpts {
+    /// A `redis://` or `nats://` URL; without one each replica runs standalone, which
+    /// is enough to hold idle connections.
+    pub backbone: Option<String>,
+    /// With a JWT secret, the servers require tokens signed with it.
+    pub jwt_secret: Option<String>,
+    /// The cluster's topic prefix (`WS_PUBSUB_CHANNEL`) [`chorus-bench`]; it also names
+    /// the presence keys (Redis) and bucket (NATS).
+    pub prefix: Option<String>,
+    /// More environment (e.g. `WS_NAMESPACES`, `WS_API_KEY`).
+    pub env: Vec<(String, String)>,
+}
+
+impl ReplicaOpts {
+    pub fn prefix(&self) -> &str {
+        self.prefix.as_deref().unwrap_or(DEFAULT_PREFIX)
+    }
+}
+
+/// The topic prefix replicas get unless told otherwise.
+pub const DEFAULT_PREFIX: &str = "chorus-bench";
+
+/// Starts `count` servers from `bin` on free loopback ports.
+pub async fn spawn(bin: &Path, count: usize, o: &ReplicaOpts) -> Result<Replicas, String> {
     let mut replicas = Replicas {
         children: Vec::new(),
         targets: Vec::new(),
@@ -58,11 +74,11 @@ pub async fn spawn(
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(secret) = jwt_secret {
+        if let Some(secret) = &o.jwt_secret {
             cmd.env("WS_AUTH_ENABLED", "true")
                 .env("WS_JWT_SECRET", secret);
         }
-        if let Some(url) = backbone {
+        if let Some(url) = o.backbone.as_deref() {
             let (adapter, variable) = if url.starts_with("nats://") || url.starts_with("tls://") {
                 ("nats", "WS_NATS_URL")
             } else {
@@ -71,7 +87,10 @@ pub async fn spawn(
             cmd.env("WS_PUBSUB_ENABLED", "true")
                 .env("WS_PUBSUB_ADAPTER", adapter)
                 .env(variable, url)
-                .env("WS_PUBSUB_CHANNEL", "chorus-bench");
+                .env("WS_PUBSUB_CHANNEL", o.prefix());
+        }
+        for (name, value) in &o.env {
+            cmd.env(name, value);
         }
         let mut child = cmd
             .spawn()
@@ -97,7 +116,100 @@ pub async fn spawn(
             .push(Target::parse(&format!("ws://{addr}/ws"))?);
         replicas.pids.push(pid);
     }
+    for (i, target) in replicas.targets.iter().enumerate() {
+        wait_healthy(target)
+            .await
+            .map_err(|e| format!("replica {i}: {e}"))?;
+    }
+    let api_key = o
+        .env
+        .iter()
+        .find(|(name, _)| name == "WS_API_KEY")
+        .map(|(_, key)| key.as_str());
+    if let (Some(key), Some(_)) = (api_key, &o.backbone) {
+        let nodes: Vec<String> = (0..count).map(|i| format!("bench-replica-{i}")).collect();
+        for (i, target) in replicas.targets.iter().enumerate() {
+            wait_listed(target, key, &nodes)
+                .await
+                .map_err(|e| format!("replica {i}: {e}"))?;
+        }
+    }
     Ok(replicas)
+}
+
+/// Waits until `info {}` on the replica lists every one of `nodes`: each replica wrote
+/// its liveness entry, which it does only after its first round with the presence
+/// store (removing an earlier process's leftovers under its node id). Connections a
+/// replica accepts before that are removed from presence by that first round and
+/// recorded again only afterwards, so a measurement of steady-state presence starts
+/// after it (the start-up window is a finding of its own). Asks every 50 ms, within
+/// [`START_TIMEOUT`].
+async fn wait_listed(target: &Target, api_key: &str, nodes: &[String]) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    let body = r#"{"jsonrpc":"2.0","method":"info","params":{},"id":1}"#;
+    loop {
+        let last = match crate::http::HttpConn::connect(target.addr).await {
+            Ok(mut conn) => match conn.post("/api", Some(api_key), body).await {
+                Ok(r) => {
+                    let text = String::from_utf8_lossy(&r.body).into_owned();
+                    if lists_nodes(&text, nodes) {
+                        return Ok(());
+                    }
+                    text
+                }
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "info did not list {nodes:?} within {START_TIMEOUT:?}: {last}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether an `info {}` response lists every one of `nodes`.
+fn lists_nodes(response: &str, nodes: &[String]) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(response) else {
+        return false;
+    };
+    let listed: Vec<&str> = v["result"]["nodes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n["node_id"].as_str()).collect())
+        .unwrap_or_default();
+    nodes.iter().all(|n| listed.contains(&n.as_str()))
+}
+
+/// Waits until the replica's `/health` says `ok`: its backbone and presence store are
+/// connected (they connect in the background after the replica listens). The server
+/// has no way to announce it, so this asks every 50 ms, within [`START_TIMEOUT`].
+async fn wait_healthy(target: &Target) -> Result<(), String> {
+    let url = format!("http://{}/health", target.addr);
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let last = match crate::http::get(&url).await {
+            Ok(r) => {
+                let body = String::from_utf8_lossy(&r.body).into_owned();
+                if health_ok(&body) {
+                    return Ok(());
+                }
+                body
+            }
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("not healthy within {START_TIMEOUT:?}: {last}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a `/health` document says `"status": "ok"`.
+fn health_ok(body: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(body)
+        .is_ok_and(|v| v["status"].as_str() == Some("ok"))
 }
 
 /// The address in chorus's `listening ... local_addr=HOST:PORT ...` log line.
@@ -121,5 +233,23 @@ mod tests {
         );
         assert_eq!(listening_addr("INFO something else"), None);
         assert_eq!(listening_addr("local_addr=nonsense"), None);
+    }
+
+    #[test]
+    fn health_is_ok_only_when_it_says_so() {
+        assert!(health_ok(r#"{"status":"ok","node_id":"n"}"#));
+        assert!(!health_ok(r#"{"status":"degraded"}"#));
+        assert!(!health_ok("ready"));
+    }
+
+    #[test]
+    fn waits_for_every_node_in_info() {
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let both = r#"{"jsonrpc":"2.0","result":{"nodes":[{"node_id":"a","connections":0},{"node_id":"b"}]},"id":1}"#;
+        assert!(lists_nodes(both, &nodes));
+        let one = r#"{"jsonrpc":"2.0","result":{"nodes":[{"node_id":"a"}]},"id":1}"#;
+        assert!(!lists_nodes(one, &nodes));
+        assert!(!lists_nodes(r#"{"error":"x"}"#, &nodes));
+        assert!(lists_nodes(one, &[]));
     }
 }

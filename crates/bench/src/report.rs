@@ -181,7 +181,7 @@ fn ratio_worthy(metric: &str) -> bool {
     metric.ends_with("_per_s") || metric.contains("latency_") || metric.contains("rss_per_conn")
 }
 
-const SCENARIO_ORDER: [&str; 7] = [
+const SCENARIO_ORDER: [&str; 10] = [
     "idle",
     "idle3",
     "rpc",
@@ -189,6 +189,9 @@ const SCENARIO_ORDER: [&str; 7] = [
     "paced",
     "cluster",
     "clusterlite",
+    "presence",
+    "send",
+    "sendpaced",
 ];
 
 /// Display order of metrics in the Markdown tables (JSON objects come back
