@@ -14,6 +14,7 @@ pub mod http;
 pub mod idle;
 pub mod presence;
 pub mod progress;
+pub mod recover;
 pub mod replicas;
 pub mod report;
 pub mod rpc;

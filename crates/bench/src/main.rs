@@ -5,6 +5,7 @@ use chorus_bench::conn::Target;
 use chorus_bench::fanout::{self, FanoutOpts};
 use chorus_bench::idle::{self, IdleOpts, WorkerOpts};
 use chorus_bench::presence::{self, PresenceOpts};
+use chorus_bench::recover::{self, RecoverOpts};
 use chorus_bench::replicas::{self, ReplicaOpts};
 use chorus_bench::report::{self, Report};
 use chorus_bench::rpc::{self, RpcOpts};
@@ -18,7 +19,7 @@ const USAGE: &str = "\
 chorus-bench: load generator for the Chorus JSON-RPC WebSocket server
 
 USAGE:
-  chorus-bench <idle|fanout|rpc|cluster|presence|send> [OPTIONS]
+  chorus-bench <idle|fanout|rpc|cluster|presence|send|recover> [OPTIONS]
   chorus-bench report [--baseline LABEL] FILE_OR_DIR...   (Markdown from --json results)
 
 COMMON OPTIONS:
@@ -73,10 +74,19 @@ send:     --users N (19000) connected users held by worker processes; this proce
           channel (the same-run peer), --rounds K (3) of each. Reports deliveries/s,
           latency from the POST's start to the target's receipt (local: posted to
           the target's own replica; remote: the others), losses, duplicates.
+recover:  --clients N (1000) subscribe to --channel (hist:bench, a namespace with
+          history) spread over the replicas, note its position and leave; a
+          publisher makes --missed M (100) publications; all reconnect, each to the
+          next replica, and subscribe at once with since: reports the reply latency,
+          clients that got exactly the M in order with recovered: true, and each
+          replica's store reads for it (ws_history_reads_total{reason=\"recovery\"}).
 presence and send with --replicas R and no --url start R chorus processes as for
 idle (--backbone, --server-bin), with auth on (a generated --jwt-secret unless
 given), WS_API_KEY (--api-key, generated unless given) and, for presence,
-WS_NAMESPACES='{<the channel's namespace>: {presence: true}}'.
+WS_NAMESPACES='{<the channel's namespace>: {presence: true}}'. fanout, cluster and
+recover do too, without auth and with the publish budgets lifted (WS_PUBLISH_RATE=0
+and the three others); recover sets WS_NAMESPACES='{<namespace>: {history_size:
+1000}}'. --env NAME=VALUE (repeat) adds to (or overrides) the replicas' environment.
 --jwt-grant PATTERN (repeat): more channel patterns in every minted token.
 ";
 
@@ -114,6 +124,11 @@ struct Args {
     in_flight: Option<usize>,
     rounds: Option<usize>,
     api_key: Option<String>,
+    // recover
+    clients: Option<usize>,
+    missed: Option<u64>,
+    /// More environment for replicas this process starts.
+    env: Vec<(String, String)>,
     // fanout / cluster
     subs: Option<usize>,
     subs_per_replica: Option<usize>,
@@ -185,6 +200,15 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("in-flight") => a.in_flight = Some(p.value()?.parse()?),
             Long("rounds") => a.rounds = Some(p.value()?.parse()?),
             Long("api-key") => a.api_key = Some(p.value()?.parse()?),
+            Long("clients") => a.clients = Some(p.value()?.parse()?),
+            Long("missed") => a.missed = Some(p.value()?.parse()?),
+            Long("env") => {
+                let v: String = p.value()?.parse()?;
+                let (name, value) = v.split_once('=').ok_or_else(|| {
+                    lexopt::Error::from(format!("--env {v}: expected NAME=VALUE"))
+                })?;
+                a.env.push((name.to_string(), value.to_string()));
+            }
             Long("subs") => a.subs = Some(p.value()?.parse()?),
             Long("subs-per-replica") => a.subs_per_replica = Some(p.value()?.parse()?),
             Long("messages") => a.messages = Some(p.value()?.parse()?),
@@ -444,6 +468,19 @@ async fn run(a: &Args, c: &Common) -> Result<Report, String> {
             }
             Ok(send::run(c, &o).await)
         }
+        "recover" => {
+            let mut o = RecoverOpts::default();
+            if let Some(n) = a.clients {
+                o.clients = n.max(1);
+            }
+            if let Some(m) = a.missed {
+                o.missed = m;
+            }
+            if let Some(ch) = &a.channel {
+                o.channel = ch.clone();
+            }
+            Ok(recover::run(c, &o).await)
+        }
         other => Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
     }
 }
@@ -509,10 +546,11 @@ async fn main() -> ExitCode {
             }
         };
     }
-    // `idle`, `presence` or `send` with `--replicas R` and without URLs: the servers
-    // are ours to start and stop.
+    // With `--replicas R` and without URLs the servers are ours to start and stop.
     let _replicas = match (a.cmd.as_str(), a.replicas) {
-        ("idle" | "presence" | "send", Some(count)) if a.urls.is_empty() && count > 0 => {
+        ("idle" | "presence" | "send" | "fanout" | "cluster" | "recover", Some(count))
+            if a.urls.is_empty() && count > 0 =>
+        {
             let Some(bin) = a.server_bin.clone().or_else(replicas::default_server_bin) else {
                 eprintln!("chorus-bench: cannot locate chorus; pass --server-bin");
                 return ExitCode::from(2);
@@ -523,7 +561,7 @@ async fn main() -> ExitCode {
                 .or_else(|| std::env::var("CHORUS_BENCH_JWT_SECRET").ok())
                 .filter(|secret| !secret.is_empty());
             let mut env = Vec::new();
-            if a.cmd != "idle" {
+            if a.cmd == "presence" || a.cmd == "send" {
                 let secret = secret.get_or_insert_with(|| generated_secret("jwt"));
                 a.jwt_secret = Some(secret.clone());
                 let key = api_key(&a).unwrap_or_else(|| generated_secret("api"));
@@ -538,6 +576,29 @@ async fn main() -> ExitCode {
                     serde_json::json!({ namespace: {"presence": true} }).to_string(),
                 ));
             }
+            if matches!(a.cmd.as_str(), "fanout" | "cluster" | "recover") {
+                secret = None;
+                for name in [
+                    "WS_PUBLISH_RATE",
+                    "WS_PUBLISH_BYTES_RATE",
+                    "WS_PUBLISH_RATE_TOTAL",
+                    "WS_PUBLISH_BYTES_TOTAL",
+                ] {
+                    env.push((name.to_string(), "0".to_string()));
+                }
+            }
+            if a.cmd == "recover" {
+                let channel = a
+                    .channel
+                    .clone()
+                    .unwrap_or_else(|| RecoverOpts::default().channel);
+                let namespace = channel.split(':').next().unwrap_or_default().to_string();
+                env.push((
+                    "WS_NAMESPACES".to_string(),
+                    serde_json::json!({ namespace: {"history_size": 1000} }).to_string(),
+                ));
+            }
+            env.extend(a.env.iter().cloned());
             let o = ReplicaOpts {
                 backbone: a.backbone.clone(),
                 jwt_secret: secret,
