@@ -776,6 +776,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_parked_subscriber_gets_its_first_frame_then_what_was_kept() {
+        let hub = hub(1 << 16);
+        let (client, mut outbox) = connect(&hub);
+        let (other, mut other_out) = connect(&hub);
+        hub.subscribe(&other, "p");
+        assert!(hub.subscribe_parked(&client, "p").added);
+        assert_eq!(hub.publish("p", &Frame::from_static("meanwhile")), 1);
+        assert_eq!(outbox.try_next(), None, "kept, not delivered");
+        assert!(hub.release_parked(&client, "p", Some(Frame::from_static("first"))));
+        assert!(!hub.release_parked(&client, "p", None), "released once");
+        hub.publish("p", &Frame::from_static("live"));
+        let got: Vec<_> = std::iter::from_fn(|| outbox.try_next()).collect();
+        assert_eq!(
+            got,
+            ["first", "meanwhile", "live"]
+                .map(Frame::from_static)
+                .to_vec()
+        );
+        assert_eq!(other_out.try_next(), Some(Frame::from_static("meanwhile")));
+        assert_eq!(hub.parked_count.load(Ordering::Acquire), 0);
+
+        // Unsubscribed or gone while parked: nothing is kept.
+        hub.subscribe_parked(&client, "q");
+        assert!(hub.unsubscribe(&client, "q").removed);
+        hub.subscribe_parked(&client, "r");
+        hub.remove(&client);
+        assert_eq!(hub.parked_count.load(Ordering::Acquire), 0);
+        assert_eq!(hub.publish("r", &Frame::from_static("x")), 0);
+    }
+
+    #[tokio::test]
+    async fn what_is_kept_for_a_parked_subscriber_is_bounded_by_its_budget() {
+        let hub = hub(8);
+        let (client, _outbox) = connect(&hub);
+        hub.subscribe_parked(&client, "p");
+        hub.publish("p", &Frame::from_static("1234"));
+        assert_eq!(client.closing(), None);
+        hub.publish("p", &Frame::from_static("56789"));
+        assert_eq!(client.closing(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
     async fn shutdown_flushes_queued_frames_before_closing() {
         let hub = hub(4);
         let (client, mut outbox) = connect(&hub);
