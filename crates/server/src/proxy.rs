@@ -505,7 +505,10 @@ async fn exchange(
 ) -> Result<Bytes, Failure> {
     let started = Instant::now();
     let result = attempt(&inner, kind, forwarded, body).await;
-    inner.metrics.observe(kind, started.elapsed());
+    // Only requests that went to the backend are timed.
+    if !matches!(result, Err(Failure::Busy | Failure::CircuitOpen)) {
+        inner.metrics.observe(kind, started.elapsed());
+    }
     if let Err(failure) = &result {
         inner.metrics.record(kind, failure.outcome());
         tracing::debug!(proxy = kind.name(), why = %failure.describe(), "proxy request failed");
