@@ -492,6 +492,66 @@ async fn subscribe_proxy_sends_its_data_first_then_what_was_published_meanwhile(
 }
 
 #[tokio::test]
+async fn on_a_history_channel_the_recovery_comes_first_then_the_data_then_live() {
+    let (backend, _seen) = backend(Arc::new(|_: &Seen| {
+        answer(200, json!({"allow": true, "data": "snapshot"}))
+    }))
+    .await;
+    let url = format!("http://{backend}/subscribe");
+    let server = server(&[
+        ("WS_PROXY_SUBSCRIBE_URL", &url),
+        ("WS_NAMESPACES", r#"{"hist": {"history_size": 10}}"#),
+    ])
+    .await;
+    let mut writer = Client::connect(server.local_addr).await;
+    let first = writer
+        .ok("publish", json!({"channel": "hist:1", "data": "one"}))
+        .await;
+    let mut reader = Client::connect(server.local_addr).await;
+    let since = json!({"offset": 0, "epoch": first["epoch"]});
+    let reply = reader
+        .ok("subscribe", json!({"channel": "hist:1", "since": since}))
+        .await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(reply["publications"][0]["data"], "one");
+    let data = reader.recv().await;
+    assert_eq!(
+        data["params"],
+        json!({"channel": "hist:1", "data": "snapshot"})
+    );
+    writer
+        .ok("publish", json!({"channel": "hist:1", "data": "two"}))
+        .await;
+    let live = reader.recv().await;
+    assert_eq!(live["params"]["data"], "two");
+    assert_eq!(live["params"]["offset"], 2);
+}
+
+#[tokio::test]
+async fn named_headers_of_the_upgrade_go_with_every_proxy_request() {
+    let (backend, mut seen) = backend(rpc_handler(Arc::new(Semaphore::new(0)))).await;
+    let url = format!("http://{backend}/rpc");
+    let server = server(&[("WS_PROXY_RPC_URL", &url), ("WS_PROXY_HEADERS", "Cookie")]).await;
+    let mut client = Client::connect_with(
+        &ws_url(server.local_addr),
+        &[
+            ("cookie", "session=abc"),
+            ("authorization", "Bearer not-forwarded"),
+        ],
+    )
+    .await;
+    client.ok("echo", json!({})).await;
+    let asked = next_seen(&mut seen).await;
+    assert_eq!(asked.headers["cookie"], "session=abc");
+    assert!(asked.headers.get("authorization").is_none());
+    assert_eq!(asked.headers["x-chorus-proxy"], "rpc");
+    assert!(
+        asked.headers.get("x-chorus-signature").is_none(),
+        "unsigned without WS_PROXY_SECRET"
+    );
+}
+
+#[tokio::test]
 async fn publish_proxy_rewrites_or_refuses() {
     let (backend, _seen) = backend(Arc::new(|seen: &Seen| {
         let body = &seen.body;
