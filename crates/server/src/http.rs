@@ -273,7 +273,8 @@ async fn upgrade(
                 Admission::Allowed(identity) => identity,
                 Admission::Refused(status, message) => return refusal(status, &message),
                 Admission::Failed(why) => {
-                    tracing::warn!(%why, "connect proxy failed: upgrade refused with 503");
+                    // Per upgrade, so not louder: the breaker warns when failures persist.
+                    tracing::debug!(%why, "connect proxy failed: upgrade refused with 503");
                     return refusal(StatusCode::SERVICE_UNAVAILABLE, "connect proxy unavailable");
                 }
             }

@@ -221,12 +221,16 @@ struct Endpoint {
 }
 
 /// Why a proxy request got no usable answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum Failure {
+    #[error("busy")]
     Busy,
+    #[error("circuit open: the backend keeps failing")]
     CircuitOpen,
+    #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// Down, a status other than 200, or not the expected JSON.
+    #[error("{0}")]
     Error(String),
 }
 
@@ -240,20 +244,11 @@ impl Failure {
         }
     }
 
-    fn describe(&self) -> String {
-        match self {
-            Self::Busy => "busy".to_owned(),
-            Self::CircuitOpen => "circuit open: the backend keeps failing".to_owned(),
-            Self::Timeout(timeout) => format!("no answer within {timeout:?}"),
-            Self::Error(why) => why.clone(),
-        }
-    }
-
     /// The JSON-RPC error after the upgrade: `-32053`.
     fn rpc_error(&self, kind: Kind) -> RpcError {
         match self {
             Self::Busy => RpcError::proxy_busy(kind.name()),
-            other => RpcError::proxy_failed(kind.name(), other.describe()),
+            other => RpcError::proxy_failed(kind.name(), other),
         }
     }
 }
@@ -376,7 +371,7 @@ impl Proxy {
         let metrics = &self.inner.metrics;
         let answer = match answer {
             Ok(answer) => answer,
-            Err(failure) => return Admission::Failed(failure.describe()),
+            Err(failure) => return Admission::Failed(failure.to_string()),
         };
         let (outcome, admission) = read_admission(&answer);
         metrics.record(Kind::Connect, outcome);
@@ -511,7 +506,7 @@ async fn exchange(
     }
     if let Err(failure) = &result {
         inner.metrics.record(kind, failure.outcome());
-        tracing::debug!(proxy = kind.name(), why = %failure.describe(), "proxy request failed");
+        tracing::debug!(proxy = kind.name(), why = %failure, "proxy request failed");
     }
     result
 }
