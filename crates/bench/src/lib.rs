@@ -8,6 +8,7 @@
 //! `publish` to per-user channels). Only loopback targets are accepted, and every
 //! loop is bounded in count and time.
 
+pub mod backend;
 pub mod conn;
 pub mod fanout;
 pub mod http;

@@ -20,6 +20,7 @@ chorus-bench: load generator for the Chorus JSON-RPC WebSocket server
 
 USAGE:
   chorus-bench <idle|fanout|rpc|cluster|presence|send|recover> [OPTIONS]
+  chorus-bench backend [--listen ADDR]   (a trivial backend for the rpc proxy)
   chorus-bench report [--baseline LABEL] FILE_OR_DIR...   (Markdown from --json results)
 
 COMMON OPTIONS:
@@ -50,7 +51,12 @@ fanout:   --subs N (10000)  --messages M (1000)  --rate PER_S (0 = flat out: a b
           (chorus: WS_PUBLISH_RATE=0 WS_PUBLISH_BYTES_RATE=0 WS_PUBLISH_RATE_TOTAL=0
           WS_PUBLISH_BYTES_TOTAL=0), or publish_errors counts the refusals
 rpc:      --conns K (100)  --depth D (10)  --requests N per conn (2000)
-          --duration S (10)  --payload BYTES (32)
+          --duration S (10)  --payload BYTES (32)  --method NAME (self.reply)
+          --proxied NAME: a method the server relays to its backend (WS_PROXY_RPC_URL,
+          e.g. chorus-bench backend); --rounds N (3) rounds of each, alternating, and
+          their medians and local_over_proxied_rps in the report
+backend:  --listen ADDR (127.0.0.1:9100): a trivial rpc proxy backend that answers
+          every relayed call with its params (point WS_PROXY_RPC_URL at /rpc)
 cluster:  needs 2+ URLs; publisher on the first; --subs-per-replica N (1000)
           --messages M (5000)  --rate PER_S (1000)  and the fanout options
 presence: --members N (20000) connections, one user each, spread over the replicas
@@ -142,6 +148,10 @@ struct Args {
     depth: Option<usize>,
     requests: Option<u64>,
     duration: Option<f64>,
+    method: Option<String>,
+    proxied: Option<String>,
+    // backend
+    listen: Option<std::net::SocketAddr>,
     /// The replicas were started by this process (not given with --url).
     urls_were_started: bool,
     // report
@@ -220,6 +230,9 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("depth") => a.depth = Some(p.value()?.parse()?),
             Long("requests") => a.requests = Some(p.value()?.parse()?),
             Long("duration") => a.duration = Some(p.value()?.parse()?),
+            Long("method") => a.method = Some(p.value()?.parse()?),
+            Long("proxied") => a.proxied = Some(p.value()?.parse()?),
+            Long("listen") => a.listen = Some(p.value()?.parse()?),
             Long("baseline") => a.baseline = Some(p.value()?.parse()?),
             Value(v) if a.cmd.is_empty() => a.cmd = v.string()?,
             Value(v) if a.cmd == "report" => a.files.push(v.into()),
@@ -392,6 +405,13 @@ async fn run(a: &Args, c: &Common) -> Result<Report, String> {
             if let Some(p) = a.payload {
                 o.payload = p;
             }
+            if let Some(m) = &a.method {
+                o.method.clone_from(m);
+            }
+            o.proxied.clone_from(&a.proxied);
+            if let Some(r) = a.rounds {
+                o.rounds = r.max(1);
+            }
             Ok(rpc::run(c, &o).await)
         }
         "presence" => {
@@ -534,6 +554,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if a.cmd == "backend" {
+        let listen = a
+            .listen
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9100)));
+        return match chorus_bench::backend::serve(listen).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chorus-bench backend: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if a.cmd == "report" {
         return match report_cmd(&a) {
             Ok(md) => {

@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use crate::app::App;
 use crate::connection::{self, Mode};
 use crate::lifecycle::Reason;
+use crate::proxy::{Admission, ConnectRequest};
 use crate::session::Session;
 
 /// Longest wait, before the upgrade is answered, for the cluster to learn of a new
@@ -152,6 +153,25 @@ fn request_token(request: &Request<Incoming>) -> Option<String> {
     from_header.or_else(|| request.uri().query().and_then(chorus_gate::query_token))
 }
 
+/// The upgrade request's headers named in `WS_PROXY_HEADERS`, for every proxy request
+/// of the connection (values that are not text are left out).
+fn forwarded_headers(app: &App, headers: &HeaderMap) -> Vec<(String, String)> {
+    let names = &app.config.proxy.headers;
+    if names.is_empty() || app.proxy.is_none() {
+        return Vec::new();
+    }
+    names
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name.as_str())
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .map(|value| (name.clone(), value.to_owned()))
+        })
+        .collect()
+}
+
 async fn upgrade(
     app: Arc<App>,
     peer: SocketAddr,
@@ -230,16 +250,42 @@ async fn upgrade(
         }
     };
     let gate = &app.services.gate;
-    let identity = match gate
-        .verifier()
-        .verify(request_token(&request).as_deref())
-        .await
-    {
-        Ok(identity) => identity,
-        Err(error) => {
-            app.metrics.auth_failed(error.reason());
-            return refusal(StatusCode::UNAUTHORIZED, error.reason());
+    let id = app.node.hub().reserve_id();
+    let forwarded = forwarded_headers(&app, request.headers());
+    let token = request_token(&request);
+    let identity = match &app.proxy {
+        Some(proxy) if proxy.decides_connect() => {
+            let query = request
+                .uri()
+                .query()
+                .map(chorus_gate::query_params)
+                .unwrap_or_default();
+            let admission = proxy
+                .connect(ConnectRequest {
+                    client_id: &app.node.client_id(id),
+                    remote_addr: &client_ip.to_string(),
+                    token: token.as_deref(),
+                    query,
+                    headers: &forwarded,
+                })
+                .await;
+            match admission {
+                Admission::Allowed(identity) => identity,
+                Admission::Refused(status, message) => return refusal(status, &message),
+                Admission::Failed(why) => {
+                    // Per upgrade, so not louder: the breaker warns when failures persist.
+                    tracing::debug!(%why, "connect proxy failed: upgrade refused with 503");
+                    return refusal(StatusCode::SERVICE_UNAVAILABLE, "connect proxy unavailable");
+                }
+            }
         }
+        _ => match gate.verifier().verify(token.as_deref()).await {
+            Ok(identity) => identity,
+            Err(error) => {
+                app.metrics.auth_failed(error.reason());
+                return refusal(StatusCode::UNAUTHORIZED, error.reason());
+            }
+        },
     };
     let user_slot = match gate.admit_user(identity.user.as_ref()) {
         Ok(slot) => slot,
@@ -255,7 +301,13 @@ async fn upgrade(
     };
     let session = match mode {
         Mode::Rpc => {
-            let (session, known) = Session::open(Arc::clone(&app), identity, client_ip.to_string());
+            let (session, known) = Session::open(
+                Arc::clone(&app),
+                id,
+                identity,
+                client_ip.to_string(),
+                forwarded,
+            );
             // Answered once the cluster can reach the client (its user's topic held,
             // its presence recorded), so a `send` right after the open reaches it.
             if tokio::time::timeout(CLUSTER_WAIT, known).await.is_err() {

@@ -11,6 +11,7 @@ mod cluster_backbone;
 
 mod cluster_local;
 mod delivery;
+mod entity_sync;
 mod history;
 mod history_cluster;
 mod hostile;
@@ -18,6 +19,7 @@ mod jsonrpc_spec;
 mod limits;
 mod ops;
 mod process;
+mod proxy;
 mod transport;
 mod users;
 mod users_cluster;
