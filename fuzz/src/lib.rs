@@ -35,8 +35,10 @@ impl Node for HubNode {
         data: &serde_json::value::RawValue,
         _idempotency_key: Option<&str>,
     ) -> Published {
-        self.hub
-            .publish(channel, &chorus_rpc::notification::channel_message(channel, data));
+        self.hub.publish(
+            channel,
+            &chorus_rpc::notification::channel_message(channel, data),
+        );
         Published::Now(Delivery::Cluster)
     }
     fn subscribe(

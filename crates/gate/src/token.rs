@@ -24,6 +24,16 @@ pub fn query_token(query: &str) -> Option<String> {
         .filter(|token| !token.is_empty())
 }
 
+/// Every value of parameter `name` in a query string, percent-decoded, in order.
+pub fn query_values(query: &str, name: &str) -> Vec<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| percent_decode(value))
+        .collect()
+}
+
 /// Undoes `%XX` and `+` (a space) in a query value; malformed escapes stay as they are.
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod presence;
 mod session;
+mod sse;
 pub mod webhook;
 
 pub use app::{RunningServer, StartError, start, start_with_bus};

@@ -52,8 +52,10 @@ impl Node for HubNode {
         data: &serde_json::value::RawValue,
         _idempotency_key: Option<&str>,
     ) -> Published {
-        self.hub
-            .publish(channel, &crate::notification::channel_message(channel, data));
+        self.hub.publish(
+            channel,
+            &crate::notification::channel_message(channel, data),
+        );
         Published::Now(self.delivery())
     }
     fn subscribe(
@@ -845,10 +847,16 @@ async fn the_server_api_skips_grants_and_budgets_but_not_the_size_cap() {
     assert_eq!(reply["result"], json!({"status": "broadcasted"}), "{reply}");
     let reply = call(request("broadcast", json!({"data": "x".repeat(32)})));
     assert_eq!(reply["error"]["code"], -32013, "{reply}");
-    let reply = call(request("send", json!({"users": ["u"], "data": "x".repeat(32)})));
+    let reply = call(request(
+        "send",
+        json!({"users": ["u"], "data": "x".repeat(32)}),
+    ));
     assert_eq!(reply["error"]["code"], -32013, "{reply}");
     let reply = call(request("subscribe", json!({"channel": "a"})));
-    assert_eq!(reply["error"]["code"], -32601, "clients' methods are not the API's");
+    assert_eq!(
+        reply["error"]["code"], -32601,
+        "clients' methods are not the API's"
+    );
     let reply = call(request("presence", json!({"channel": "feed:1"})));
     assert_eq!(reply["error"]["code"], -32004, "{reply}");
     assert_eq!(reply["error"]["data"]["reason"], "presence not enabled");

@@ -18,6 +18,7 @@ mod jsonrpc_spec;
 mod limits;
 mod ops;
 mod process;
+mod sse;
 mod transport;
 mod users;
 mod users_cluster;
