@@ -329,8 +329,12 @@
       }
     }
 
+    // Channels that were subscribed on the connection that was lost; those asked for
+    // while disconnected are sent by their own waiting call.
     _resubscribe() {
-      for (const channel of Array.from(this._channels.keys())) {
+      for (const [channel, known] of Array.from(this._channels.entries())) {
+        if (!known.lost) continue;
+        known.lost = false;
         this.subscribe(channel).catch((err) => this.emit("error", { channel: channel, error: err }));
       }
     }
@@ -354,6 +358,7 @@
 
     _onClose(code, reason) {
       clearTimeout(this._refreshTimer);
+      for (const known of this._channels.values()) known.lost = true;
       this._failAll(new ChorusError(-32000, "connection lost (" + code + ")"));
       if (this._stopped) return this._setState("closed");
       if (code === CLOSE_REPLACED || (code === CLOSE_KICKED && !this.reconnectOnKick)) {

@@ -7,6 +7,7 @@ mod support;
 mod backbone;
 
 mod auth;
+mod browser;
 mod cluster_backbone;
 
 mod cluster_local;
