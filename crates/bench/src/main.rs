@@ -9,6 +9,7 @@ use chorus_bench::replicas::{self, ReplicaOpts};
 use chorus_bench::report::{self, Report};
 use chorus_bench::rpc::{self, RpcOpts};
 use chorus_bench::send::{self, SendOpts};
+use chorus_bench::sse::{self, SseOpts};
 use chorus_bench::store::Probe;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ const USAGE: &str = "\
 chorus-bench: load generator for the Chorus JSON-RPC WebSocket server
 
 USAGE:
-  chorus-bench <idle|fanout|rpc|cluster|presence|send> [OPTIONS]
+  chorus-bench <idle|fanout|rpc|cluster|presence|send|sse> [OPTIONS]
   chorus-bench report [--baseline LABEL] FILE_OR_DIR...   (Markdown from --json results)
 
 COMMON OPTIONS:
@@ -78,6 +79,13 @@ idle (--backbone, --server-bin), with auth on (a generated --jwt-secret unless
 given), WS_API_KEY (--api-key, generated unless given) and, for presence,
 WS_NAMESPACES='{<the channel's namespace>: {presence: true}}'.
 --jwt-grant PATTERN (repeat): more channel patterns in every minted token.
+sse:      Server-Sent Events against WebSocket in the same run: each of --rounds K (3)
+          starts a fresh chorus (--server-bin) per transport, opens --subs N (10000)
+          subscribers of one channel (WebSocket subscribe, or GET /events?channel=),
+          reads the server's RSS growth per connection after --hold S (2), then
+          publishes --messages M (100) at --rate PER_S (0 = flat out) with --payload
+          BYTES (64) and measures deliveries/s and latency; medians and SSE/WS ratios.
+          Keep --subs under the open-file limit (one process holds every subscriber).
 ";
 
 #[derive(Debug, Default)]
@@ -443,6 +451,34 @@ async fn run(a: &Args, c: &Common) -> Result<Report, String> {
                 return Err("send needs tokens: --jwt-secret (the servers' WS_JWT_SECRET)".into());
             }
             Ok(send::run(c, &o).await)
+        }
+        "sse" => {
+            let mut o = SseOpts {
+                server_bin: a.server_bin.clone(),
+                ..SseOpts::default()
+            };
+            if let Some(n) = a.subs {
+                o.subs = n.max(1);
+            }
+            if let Some(m) = a.messages {
+                o.messages = m;
+            }
+            if let Some(r) = a.rate {
+                o.rate = r.max(0.0);
+            }
+            if let Some(p) = a.payload {
+                o.payload = p;
+            }
+            if let Some(n) = a.rounds {
+                o.rounds = n.max(1);
+            }
+            if let Some(h) = a.hold {
+                o.hold = secs(h)?;
+            }
+            if let Some(d) = a.drain {
+                o.drain = secs(d)?;
+            }
+            Ok(sse::run(c, &o).await)
         }
         other => Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
     }

@@ -377,17 +377,25 @@ impl Pipe {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Ready when there is room for more; an error once the client is gone.
+    /// Ready when there is room for more; an error once the client is gone. The task
+    /// stays registered either way, so that the body going away wakes it.
     fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Gone>> {
         let mut state = self.lock();
         if state.reader_gone {
             return Poll::Ready(Err(Gone));
         }
-        if state.buffer.len() < PIPE_BYTES {
-            return Poll::Ready(Ok(()));
+        if !state
+            .writer
+            .as_ref()
+            .is_some_and(|writer| writer.will_wake(cx.waker()))
+        {
+            state.writer = Some(cx.waker().clone());
         }
-        state.writer = Some(cx.waker().clone());
-        Poll::Pending
+        if state.buffer.len() < PIPE_BYTES {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
     }
 
     fn write(&self, event: impl FnOnce(&mut BytesMut)) {
@@ -424,8 +432,9 @@ impl hyper::body::Body for EventStream {
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
         let mut state = self.pipe.lock();
         if !state.buffer.is_empty() {
+            let was_full = state.buffer.len() >= PIPE_BYTES;
             let bytes = state.buffer.split().freeze();
-            if let Some(writer) = state.writer.take() {
+            if was_full && let Some(writer) = state.writer.take() {
                 writer.wake();
             }
             return Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes))));

@@ -352,3 +352,86 @@ async fn send_reaches_a_stream_kick_ends_it_and_drain_says_when_to_retry() {
         "no new stream while draining"
     );
 }
+
+#[tokio::test]
+async fn a_jwt_stream_ends_at_its_expiry_with_sys_token_expired() {
+    let server = server(&[
+        ("WS_AUTH_ENABLED", "true"),
+        ("WS_JWT_SECRET", SECRET),
+        ("WS_JWT_LEEWAY", "0s"),
+    ])
+    .await;
+    let addr = server.local_addr;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let short = chorus_gate::mint_hs256(
+        SECRET.as_bytes(),
+        &chorus_gate::TokenClaims {
+            sub: "dave".into(),
+            iat: now,
+            exp: now + 2,
+            ..chorus_gate::TokenClaims::default()
+        },
+    )
+    .expect("token");
+    let mut stream = Stream::open(addr, &format!("/events?channel=a&token={short}"), &[]).await;
+    assert_eq!(stream.status, 200, "{}", stream.body);
+    let expired = stream.next_named("sys.token_expired").await;
+    assert_eq!(expired.json()["method"], "sys.token_expired");
+    assert!(stream.next().await.is_none(), "the stream ends at exp");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_is_not_read_is_dropped_as_a_slow_consumer() {
+    let mut vars = vec![
+        ("WS_MAX_PUBLISH_SIZE", "8KiB"),
+        ("WS_SEND_BUFFER", "32KiB"),
+        ("WS_WRITE_TIMEOUT", "1s"),
+    ];
+    vars.extend(UNLIMITED_PUBLISHING);
+    let server = server(&vars).await;
+    let addr = server.local_addr;
+    // A reader that stops reading: a tiny receive buffer, and nothing read after the head.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stalled = socket.connect(addr).await.expect("connect");
+    stalled
+        .write_all(format!("GET /events?channel=flood HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut publisher = Client::connect(addr).await;
+    eventually("the stream to be subscribed", || async {
+        metric(addr, "ws_connections_active").await == 2.0
+    })
+    .await;
+    let data = "x".repeat(4000);
+    let mut published = 0;
+    while metric(addr, "ws_slow_consumer_drops_total").await < 1.0 {
+        assert!(published < 2000, "the stalled stream was never dropped");
+        for _ in 0..20 {
+            publisher
+                .ok("publish", json!({"channel": "flood", "data": data}))
+                .await;
+        }
+        published += 20;
+    }
+    eventually("the stalled stream to be gone", || async {
+        metric(addr, "ws_connections_active").await == 1.0
+    })
+    .await;
+    // Its socket is closed, not left to the kernel's timeouts.
+    let mut sink = vec![0u8; 1 << 16];
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut stalled, &mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server closed the stalled socket");
+    server.shutdown().await;
+}
