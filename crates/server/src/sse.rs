@@ -155,9 +155,9 @@ async fn open(
         }
         let call = json!({"jsonrpc": "2.0", "id": index, "method": "subscribe", "params": params});
         let answer = session.call(&call.to_string()).await;
-        if let Err(refused) = subscribed(app, &session, channel, answer) {
+        if let Err((status, body)) = subscribed(app, &session, channel, answer) {
             session.close(Reason::Disconnected);
-            return Err(refused);
+            return Err(refusal(status, &body));
         }
     }
     let pipe = Pipe::default();
@@ -212,11 +212,11 @@ fn subscribed(
     session: &Session,
     channel: &str,
     answer: Answer,
-) -> Result<(), Response<Body>> {
+) -> Result<(), (StatusCode, Value)> {
     let unavailable = || {
-        refusal(
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"error": "cannot subscribe now", "channel": channel}),
+            json!({"error": "cannot subscribe now", "channel": channel}),
         )
     };
     let text = answer.text.as_deref().ok_or_else(unavailable)?;
@@ -269,7 +269,7 @@ fn subscribed(
                     body[key] = value;
                 }
             }
-            Err(refusal(status, &body))
+            Err((status, body))
         }
         (None, None) => Err(unavailable()),
     }

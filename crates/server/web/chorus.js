@@ -200,6 +200,11 @@
       return this.call("history", Object.assign({ channel: channel }, options || {}));
     }
 
+    // The channels this client keeps subscribed.
+    channels() {
+      return Array.from(this._channels.keys());
+    }
+
     // Where a history channel stands for this client: {offset, epoch}.
     position(channel) {
       const known = this._channels.get(channel);
@@ -478,8 +483,13 @@
         if (params.offset <= last) return;
         this._seen.set(params.channel, params.offset);
       }
-      if (method === "sys.subscribed" && params && params.recovered === false && this.lastEventId) {
-        this.emit("gap", { channel: params.channel, recovered: false, epoch: params.epoch, to_offset: params.offset });
+      if (method === "sys.subscribed" && params && params.recovered === false) {
+        // Not resumed: follow the channel from where it stands now.
+        if (this.lastEventId) this.emit("gap", { channel: params.channel, recovered: false, epoch: params.epoch, to_offset: params.offset });
+        this._seen.set(params.channel, params.offset);
+      }
+      if (method === "sys.gap" && params && typeof params.epoch === "string") {
+        this._seen.set(params.channel, 0); // a new epoch: offsets start over
       }
       if (method === "sys.token_expired") {
         // The stream ends here: come back with a fresh token where it stopped.
