@@ -102,6 +102,7 @@
   //                   were lost; fetch them with history() if they matter
   //   "shutdown"      sys.shutdown params ({reconnect_after_ms})
   //   "kicked", "replaced", "token"  (the token could not be refreshed: {error})
+  //   "refreshed"     the auth.refresh result ({exp}): the connection goes on
   //   any other notification by its method name (e.g. "broadcast", "message.user")
   //   "notification"  every notification, as {method, params}
   class Client extends Emitter {
@@ -399,7 +400,8 @@
       this._refreshTimer = setTimeout(async () => {
         try {
           const fresh = await resolveToken(this.token);
-          await this.call("auth.refresh", { token: fresh });
+          const result = await this.call("auth.refresh", { token: fresh });
+          this.emit("refreshed", result);
           this._scheduleRefresh(fresh);
         } catch (err) {
           this.emit("token", { error: String(err && err.message ? err.message : err) });

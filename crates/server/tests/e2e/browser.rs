@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::backbone::{Kind, Server};
 use crate::ops::{Nginx, free_port, replica_with, scratch_dir, tool};
 use crate::support::{Client, PATIENCE, Socket, UNLIMITED_PUBLISHING, server};
-use crate::users::{API_KEY, api};
+use crate::users::{API_KEY, SECRET, api};
 
 /// Where screenshots are kept.
 fn artifacts() -> PathBuf {
@@ -178,6 +178,16 @@ impl Browser {
         std::fs::write(&path, png).expect("write screenshot");
         eprintln!("screenshot: {}", path.display());
         path
+    }
+
+    /// Adds `/chorus.js` of the page's origin to the page.
+    pub async fn load_library(&mut self) {
+        self.eval(
+            "new Promise((done, fail) => { const s = document.createElement('script'); \
+             s.src = '/chorus.js'; s.onload = () => done(true); s.onerror = fail; \
+             document.head.appendChild(s); })",
+        )
+        .await;
     }
 }
 
@@ -483,4 +493,58 @@ async fn the_library_survives_a_drained_replica_behind_nginx_with_every_publicat
         .expect("the drained replica exits")
         .expect("status");
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_refreshes_its_token_without_reconnecting() {
+    let server = server(&[
+        ("WS_AUTH_ENABLED", "true"),
+        ("WS_JWT_SECRET", SECRET),
+        ("WS_DEMO", "false"),
+    ])
+    .await;
+    let addr = server.local_addr;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mint = |exp: u64| {
+        chorus_gate::mint_hs256(
+            SECRET.as_bytes(),
+            &chorus_gate::TokenClaims {
+                sub: "erin".into(),
+                iat: now,
+                exp,
+                ..chorus_gate::TokenClaims::default()
+            },
+        )
+        .expect("token")
+    };
+    // The first token is due for a refresh about 2 s after the connection opens.
+    let (first, fresh_exp) = (mint(now + 40), now + 3600);
+    let fresh = mint(fresh_exp);
+    let mut browser = Browser::launch().await;
+    browser.goto(&format!("http://{addr}/health")).await;
+    browser.load_library().await;
+    browser
+        .eval(&format!(
+            "window.tokens = ['{first}', '{fresh}']; window.refreshed = []; \
+             window.connections = 0; window.problems = []; \
+             window.chorus = new Chorus.Client({{ url: '/ws', token: () => tokens.shift(), \
+               refreshBeforeExpiry: 38 }}); \
+             chorus.on('connected', () => connections++); \
+             chorus.on('refreshed', (r) => refreshed.push(r)); \
+             chorus.on('token', (e) => problems.push(e)); true"
+        ))
+        .await;
+    browser
+        .wait_for("refreshed.length === 1", "the token refresh")
+        .await;
+    let state = browser
+        .eval("({refreshed: refreshed, connections: connections, problems: problems, pong: null})")
+        .await;
+    assert_eq!(state["refreshed"][0]["exp"], json!(fresh_exp), "{state}");
+    assert_eq!(state["connections"], 1, "no reconnect: {state}");
+    assert_eq!(state["problems"], json!([]), "{state}");
+    assert_eq!(browser.eval("chorus.call('ping')").await, "pong");
+    server.shutdown().await;
 }

@@ -120,6 +120,20 @@ impl Stream {
         }
     }
 
+    /// The next comment line, skipping events.
+    pub async fn next_comment(&mut self) -> String {
+        loop {
+            let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+                .await
+                .expect("a line in time")
+                .expect("read")
+                .expect("stream open");
+            if line.starts_with(':') {
+                return line;
+            }
+        }
+    }
+
     /// The next event named `name`, skipping others.
     pub async fn next_named(&mut self, name: &str) -> Event {
         loop {
@@ -314,6 +328,10 @@ async fn send_reaches_a_stream_kick_ends_it_and_drain_says_when_to_retry() {
     assert_eq!(stream.status, 200);
     stream.next_named("sys.subscribed").await;
 
+    // A stream is a client like any other: presence knows the user and device.
+    let info = api(addr, "info", json!({"user": "carol"})).await;
+    assert_eq!(info["online"], true, "{info}");
+    assert_eq!(info["devices"][0]["device"], "tab", "{info}");
     let sent = api(
         addr,
         "send",
@@ -433,5 +451,16 @@ async fn a_stream_that_is_not_read_is_dropped_as_a_slow_consumer() {
     })
     .await;
     assert!(closed.is_ok(), "the server closed the stalled socket");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_quiet_stream_gets_a_keepalive_comment_every_ping_interval() {
+    let server = server(&[("WS_PING_INTERVAL", "200ms"), ("WS_PONG_TIMEOUT", "1s")]).await;
+    let mut stream = Stream::open(server.local_addr, "/events?channel=quiet", &[]).await;
+    stream.next_named("sys.subscribed").await;
+    for _ in 0..2 {
+        assert_eq!(stream.next_comment().await, ": keepalive");
+    }
     server.shutdown().await;
 }
