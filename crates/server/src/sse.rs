@@ -96,6 +96,9 @@ async fn open(
     request: &Request<Incoming>,
     abort: Arc<Abort>,
 ) -> Result<Response<RouteBody>, Response<Body>> {
+    if request.method() == Method::OPTIONS {
+        return Err(preflight(app, request));
+    }
     if request.method() != Method::GET {
         return Err(refusal(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -173,6 +176,38 @@ async fn open(
     // Proxies (nginx) must pass every event on as it comes.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// A CORS preflight, for clients that send the token in `Authorization` (or
+/// `Last-Event-ID` themselves) from another origin: allowed origins get 204 (the
+/// origin header itself is added by [`handle`]), others 403.
+fn preflight(app: &App, request: &Request<Incoming>) -> Response<Body> {
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|origin| origin.to_str().ok());
+    if origin.is_none() || !app.config.transport.allowed_origins.allows(origin) {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "origin not allowed"}),
+        );
+    }
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, last-event-id"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    response
 }
 
 #[derive(Deserialize)]

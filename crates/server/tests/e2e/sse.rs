@@ -298,6 +298,40 @@ async fn bad_requests_origins_and_grants_are_refused_before_the_stream() {
         allowed.header("access-control-allow-origin"),
         Some("https://app.example")
     );
+    // A preflight, for clients that send the token in a header from another origin.
+    let (status, head) = {
+        let mut socket = TcpStream::connect(addr).await.expect("connect");
+        socket
+            .write_all(
+                format!(
+                    "OPTIONS /events?channel=a HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+                     Origin: https://app.example\r\nAccess-Control-Request-Method: GET\r\n\
+                     Access-Control-Request-Headers: authorization\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .expect("write");
+        let mut raw = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut socket, &mut raw)
+            .await
+            .expect("read");
+        let status: u16 = raw
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        (status, raw.to_ascii_lowercase())
+    };
+    assert_eq!(status, 204, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: authorization, last-event-id"),
+        "{head}"
+    );
     // The header works as well as the query.
     let mut by_header = Stream::open(
         addr,
