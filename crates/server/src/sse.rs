@@ -150,6 +150,15 @@ async fn open(
         client_ip,
         slot,
     } = admit(app, peer, request).await?;
+    // Grants first, so a refused stream never shows up in presence or lifecycle events.
+    for channel in &channels {
+        if let Err(refused) = app.services.gate.admit_read(&identity, channel) {
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                &json!({"error": refused.to_string(), "channel": channel}),
+            ));
+        }
+    }
     let session = open_session(app, identity, client_ip).await;
     for (index, channel) in channels.iter().enumerate() {
         let mut params = json!({ "channel": channel });
