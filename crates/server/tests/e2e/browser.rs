@@ -548,3 +548,91 @@ async fn the_library_refreshes_its_token_without_reconnecting() {
     assert_eq!(browser.eval("chorus.call('ping')").await, "pong");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_event_stream_comes_back_with_a_fresh_token_where_it_stopped() {
+    let server = server(&vars(&[
+        ("WS_AUTH_ENABLED", "true"),
+        ("WS_JWT_SECRET", SECRET),
+        ("WS_JWT_LEEWAY", "0s"),
+    ]))
+    .await;
+    let addr = server.local_addr;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mint = |exp: u64| {
+        chorus_gate::mint_hs256(
+            SECRET.as_bytes(),
+            &chorus_gate::TokenClaims {
+                sub: "fay".into(),
+                iat: now,
+                exp,
+                ..chorus_gate::TokenClaims::default()
+            },
+        )
+        .expect("token")
+    };
+    let (short, fresh) = (mint(now + 2), mint(now + 3600));
+    let mut browser = Browser::launch().await;
+    browser.goto(&format!("http://{addr}/health")).await;
+    browser.load_library().await;
+    browser
+        .eval(&format!(
+            "window.tokens = ['{short}', '{fresh}']; window.got = []; window.events = []; \
+             window.stream = new Chorus.EventStream({{ channels: ['h:es'], \
+               token: () => tokens.shift() }}); \
+             window.subs = []; stream.on('subscribed', (p) => subs.push(p)); \
+             stream.on('message', (m) => got.push(m.data.n)); \
+             stream.on('*', (name) => events.push(name)); true"
+        ))
+        .await;
+    browser
+        .wait_for("events.includes('subscribed')", "the stream")
+        .await;
+    api(
+        addr,
+        "publish",
+        json!({"channel": "h:es", "data": {"n": 1}}),
+    )
+    .await;
+    browser
+        .wait_for(
+            "events.includes('sys.token_expired')",
+            "the token to expire",
+        )
+        .await;
+    api(
+        addr,
+        "publish",
+        json!({"channel": "h:es", "data": {"n": 2}}),
+    )
+    .await;
+    browser
+        .wait_for(
+            "events.filter((e) => e === 'subscribed').length === 2",
+            "the stream to come back",
+        )
+        .await;
+    api(
+        addr,
+        "publish",
+        json!({"channel": "h:es", "data": {"n": 3}}),
+    )
+    .await;
+    browser
+        .wait_for("got.length >= 3", "three publications")
+        .await;
+    assert_eq!(
+        browser.eval("got").await,
+        json!([1, 2, 3]),
+        "each once, in order"
+    );
+    assert_eq!(
+        browser.eval("subs[1].recovered").await,
+        json!(true),
+        "resumed from the last event id"
+    );
+    browser.eval("stream.close(); true").await;
+    server.shutdown().await;
+}
