@@ -91,6 +91,7 @@ pub fn check(data: &[u8]) {
         node: node.clone(),
         gate,
         observer: Arc::new(NoObserver),
+        backend: None,
     });
     let cx = Context {
         services: &services,

@@ -9,12 +9,14 @@
 //! memory per idle subscriber and fan-out, same run). Only loopback targets are accepted, and every
 //! loop is bounded in count and time.
 
+pub mod backend;
 pub mod conn;
 pub mod fanout;
 pub mod http;
 pub mod idle;
 pub mod presence;
 pub mod progress;
+pub mod recover;
 pub mod replicas;
 pub mod report;
 pub mod rpc;

@@ -5,6 +5,7 @@ use chorus_bench::conn::Target;
 use chorus_bench::fanout::{self, FanoutOpts};
 use chorus_bench::idle::{self, IdleOpts, WorkerOpts};
 use chorus_bench::presence::{self, PresenceOpts};
+use chorus_bench::recover::{self, RecoverOpts};
 use chorus_bench::replicas::{self, ReplicaOpts};
 use chorus_bench::report::{self, Report};
 use chorus_bench::rpc::{self, RpcOpts};
@@ -19,7 +20,8 @@ const USAGE: &str = "\
 chorus-bench: load generator for the Chorus JSON-RPC WebSocket server
 
 USAGE:
-  chorus-bench <idle|fanout|rpc|cluster|presence|send|sse> [OPTIONS]
+  chorus-bench <idle|fanout|rpc|cluster|presence|send|recover|sse> [OPTIONS]
+  chorus-bench backend [--listen ADDR]   (a trivial backend for the rpc proxy)
   chorus-bench report [--baseline LABEL] FILE_OR_DIR...   (Markdown from --json results)
 
 COMMON OPTIONS:
@@ -50,7 +52,12 @@ fanout:   --subs N (10000)  --messages M (1000)  --rate PER_S (0 = flat out: a b
           (chorus: WS_PUBLISH_RATE=0 WS_PUBLISH_BYTES_RATE=0 WS_PUBLISH_RATE_TOTAL=0
           WS_PUBLISH_BYTES_TOTAL=0), or publish_errors counts the refusals
 rpc:      --conns K (100)  --depth D (10)  --requests N per conn (2000)
-          --duration S (10)  --payload BYTES (32)
+          --duration S (10)  --payload BYTES (32)  --method NAME (self.reply)
+          --proxied NAME: a method the server relays to its backend (WS_PROXY_RPC_URL,
+          e.g. chorus-bench backend); --rounds N (3) rounds of each, alternating, and
+          their medians and local_over_proxied_rps in the report
+backend:  --listen ADDR (127.0.0.1:9100): a trivial rpc proxy backend that answers
+          every relayed call with its params (point WS_PROXY_RPC_URL at /rpc)
 cluster:  needs 2+ URLs; publisher on the first; --subs-per-replica N (1000)
           --messages M (5000)  --rate PER_S (1000)  and the fanout options
 presence: --members N (20000) connections, one user each, spread over the replicas
@@ -74,10 +81,19 @@ send:     --users N (19000) connected users held by worker processes; this proce
           channel (the same-run peer), --rounds K (3) of each. Reports deliveries/s,
           latency from the POST's start to the target's receipt (local: posted to
           the target's own replica; remote: the others), losses, duplicates.
+recover:  --clients N (1000) subscribe to --channel (hist:bench, a namespace with
+          history) spread over the replicas, note its position and leave; a
+          publisher makes --missed M (100) publications; all reconnect, each to the
+          next replica, and subscribe at once with since: reports the reply latency,
+          clients that got exactly the M in order with recovered: true, and each
+          replica's store reads for it (ws_history_reads_total{reason=\"recovery\"}).
 presence and send with --replicas R and no --url start R chorus processes as for
 idle (--backbone, --server-bin), with auth on (a generated --jwt-secret unless
 given), WS_API_KEY (--api-key, generated unless given) and, for presence,
-WS_NAMESPACES='{<the channel's namespace>: {presence: true}}'.
+WS_NAMESPACES='{<the channel's namespace>: {presence: true}}'. fanout, cluster and
+recover do too, without auth and with the publish budgets lifted (WS_PUBLISH_RATE=0
+and the three others); recover sets WS_NAMESPACES='{<namespace>: {history_size:
+1000}}'. --env NAME=VALUE (repeat) adds to (or overrides) the replicas' environment.
 --jwt-grant PATTERN (repeat): more channel patterns in every minted token.
 sse:      Server-Sent Events against WebSocket in the same run: each of --rounds K (3)
           starts a fresh chorus (--server-bin) per transport, opens --subs N (10000)
@@ -122,6 +138,11 @@ struct Args {
     in_flight: Option<usize>,
     rounds: Option<usize>,
     api_key: Option<String>,
+    // recover
+    clients: Option<usize>,
+    missed: Option<u64>,
+    /// More environment for replicas this process starts.
+    env: Vec<(String, String)>,
     // fanout / cluster
     subs: Option<usize>,
     subs_per_replica: Option<usize>,
@@ -135,6 +156,10 @@ struct Args {
     depth: Option<usize>,
     requests: Option<u64>,
     duration: Option<f64>,
+    method: Option<String>,
+    proxied: Option<String>,
+    // backend
+    listen: Option<std::net::SocketAddr>,
     /// The replicas were started by this process (not given with --url).
     urls_were_started: bool,
     // report
@@ -193,6 +218,15 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("in-flight") => a.in_flight = Some(p.value()?.parse()?),
             Long("rounds") => a.rounds = Some(p.value()?.parse()?),
             Long("api-key") => a.api_key = Some(p.value()?.parse()?),
+            Long("clients") => a.clients = Some(p.value()?.parse()?),
+            Long("missed") => a.missed = Some(p.value()?.parse()?),
+            Long("env") => {
+                let v: String = p.value()?.parse()?;
+                let (name, value) = v.split_once('=').ok_or_else(|| {
+                    lexopt::Error::from(format!("--env {v}: expected NAME=VALUE"))
+                })?;
+                a.env.push((name.to_string(), value.to_string()));
+            }
             Long("subs") => a.subs = Some(p.value()?.parse()?),
             Long("subs-per-replica") => a.subs_per_replica = Some(p.value()?.parse()?),
             Long("messages") => a.messages = Some(p.value()?.parse()?),
@@ -204,6 +238,9 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("depth") => a.depth = Some(p.value()?.parse()?),
             Long("requests") => a.requests = Some(p.value()?.parse()?),
             Long("duration") => a.duration = Some(p.value()?.parse()?),
+            Long("method") => a.method = Some(p.value()?.parse()?),
+            Long("proxied") => a.proxied = Some(p.value()?.parse()?),
+            Long("listen") => a.listen = Some(p.value()?.parse()?),
             Long("baseline") => a.baseline = Some(p.value()?.parse()?),
             Value(v) if a.cmd.is_empty() => a.cmd = v.string()?,
             Value(v) if a.cmd == "report" => a.files.push(v.into()),
@@ -376,6 +413,13 @@ async fn run(a: &Args, c: &Common) -> Result<Report, String> {
             if let Some(p) = a.payload {
                 o.payload = p;
             }
+            if let Some(m) = &a.method {
+                o.method.clone_from(m);
+            }
+            o.proxied.clone_from(&a.proxied);
+            if let Some(r) = a.rounds {
+                o.rounds = r.max(1);
+            }
             Ok(rpc::run(c, &o).await)
         }
         "presence" => {
@@ -480,6 +524,19 @@ async fn run(a: &Args, c: &Common) -> Result<Report, String> {
             }
             Ok(sse::run(c, &o).await)
         }
+        "recover" => {
+            let mut o = RecoverOpts::default();
+            if let Some(n) = a.clients {
+                o.clients = n.max(1);
+            }
+            if let Some(m) = a.missed {
+                o.missed = m;
+            }
+            if let Some(ch) = &a.channel {
+                o.channel = ch.clone();
+            }
+            Ok(recover::run(c, &o).await)
+        }
         other => Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
     }
 }
@@ -533,6 +590,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if a.cmd == "backend" {
+        let listen = a
+            .listen
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9100)));
+        return match chorus_bench::backend::serve(listen).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chorus-bench backend: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if a.cmd == "report" {
         return match report_cmd(&a) {
             Ok(md) => {
@@ -545,10 +614,11 @@ async fn main() -> ExitCode {
             }
         };
     }
-    // `idle`, `presence` or `send` with `--replicas R` and without URLs: the servers
-    // are ours to start and stop.
+    // With `--replicas R` and without URLs the servers are ours to start and stop.
     let _replicas = match (a.cmd.as_str(), a.replicas) {
-        ("idle" | "presence" | "send", Some(count)) if a.urls.is_empty() && count > 0 => {
+        ("idle" | "presence" | "send" | "fanout" | "cluster" | "recover", Some(count))
+            if a.urls.is_empty() && count > 0 =>
+        {
             let Some(bin) = a.server_bin.clone().or_else(replicas::default_server_bin) else {
                 eprintln!("chorus-bench: cannot locate chorus; pass --server-bin");
                 return ExitCode::from(2);
@@ -559,7 +629,7 @@ async fn main() -> ExitCode {
                 .or_else(|| std::env::var("CHORUS_BENCH_JWT_SECRET").ok())
                 .filter(|secret| !secret.is_empty());
             let mut env = Vec::new();
-            if a.cmd != "idle" {
+            if a.cmd == "presence" || a.cmd == "send" {
                 let secret = secret.get_or_insert_with(|| generated_secret("jwt"));
                 a.jwt_secret = Some(secret.clone());
                 let key = api_key(&a).unwrap_or_else(|| generated_secret("api"));
@@ -574,6 +644,29 @@ async fn main() -> ExitCode {
                     serde_json::json!({ namespace: {"presence": true} }).to_string(),
                 ));
             }
+            if matches!(a.cmd.as_str(), "fanout" | "cluster" | "recover") {
+                secret = None;
+                for name in [
+                    "WS_PUBLISH_RATE",
+                    "WS_PUBLISH_BYTES_RATE",
+                    "WS_PUBLISH_RATE_TOTAL",
+                    "WS_PUBLISH_BYTES_TOTAL",
+                ] {
+                    env.push((name.to_string(), "0".to_string()));
+                }
+            }
+            if a.cmd == "recover" {
+                let channel = a
+                    .channel
+                    .clone()
+                    .unwrap_or_else(|| RecoverOpts::default().channel);
+                let namespace = channel.split(':').next().unwrap_or_default().to_string();
+                env.push((
+                    "WS_NAMESPACES".to_string(),
+                    serde_json::json!({ namespace: {"history_size": 1000} }).to_string(),
+                ));
+            }
+            env.extend(a.env.iter().cloned());
             let o = ReplicaOpts {
                 backbone: a.backbone.clone(),
                 jwt_secret: secret,

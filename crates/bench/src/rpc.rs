@@ -1,9 +1,12 @@
-//! `rpc`: K connections, each keeping D `self.reply` requests in flight.
+//! `rpc`: K connections, each keeping D `self.reply` requests in flight. With
+//! `--proxied METHOD` (a method the server relays to its backend, e.g. one answered
+//! by `chorus-bench backend`), rounds of the local method and of the proxied one
+//! alternate in the same run, and the report has the medians of both and their ratio.
 
 use crate::conn::{self, Incoming, Ws};
 use crate::progress::{self, Progress};
 use crate::report::Report;
-use crate::stats::{Latency, per_sec};
+use crate::stats::{Latency, median, per_sec};
 use crate::{Common, pad};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -27,6 +30,12 @@ pub struct RpcOpts {
     pub payload: usize,
     /// Give up on outstanding responses after this long without one.
     pub response_timeout: Duration,
+    /// The method called (`self.reply` echoes its params locally).
+    pub method: String,
+    /// A method the server relays to its backend, measured against `method`.
+    pub proxied: Option<String>,
+    /// With `proxied`: rounds of each, alternating.
+    pub rounds: usize,
 }
 
 impl Default for RpcOpts {
@@ -38,6 +47,9 @@ impl Default for RpcOpts {
             duration: Duration::from_secs(10),
             payload: 32,
             response_timeout: Duration::from_secs(10),
+            method: "self.reply".to_owned(),
+            proxied: None,
+            rounds: 3,
         }
     }
 }
@@ -59,7 +71,89 @@ pub async fn run(c: &Common, o: &RpcOpts) -> Report {
         .param("depth", o.depth)
         .param("requests_per_conn", o.requests)
         .param("duration_s", o.duration.as_secs_f64())
-        .param("payload_bytes", o.payload);
+        .param("payload_bytes", o.payload)
+        .param("method", o.method.clone());
+    let Some(proxied) = &o.proxied else {
+        phase(c, o, &o.method).await.write(&mut report, "");
+        return report;
+    };
+    report
+        .param("proxied_method", proxied.clone())
+        .param("rounds", o.rounds);
+    let (mut local, mut relayed) = (Vec::new(), Vec::new());
+    for round in 0..o.rounds.max(1) {
+        progress::note(
+            c.progress,
+            &format!("rpc: round {} of {}", round + 1, o.rounds),
+        );
+        local.push(phase(c, o, &o.method).await);
+        relayed.push(phase(c, o, proxied).await);
+    }
+    let median_of = |phases: &[Phase], f: fn(&Phase) -> f64| {
+        median(&phases.iter().map(f).collect::<Vec<_>>()).unwrap_or(0.0)
+    };
+    let rps = |p: &Phase| per_sec(p.ok, p.elapsed);
+    let p50 = |p: &Phase| p.lat.summary().p50_ms;
+    let (local_rps, proxied_rps) = (median_of(&local, rps), median_of(&relayed, rps));
+    let (local_p50, proxied_p50) = (median_of(&local, p50), median_of(&relayed, p50));
+    // The last round's full figures, then the medians over every round.
+    if let (Some(last_local), Some(last_proxied)) = (local.pop(), relayed.pop()) {
+        last_local.write(&mut report, "");
+        last_proxied.write(&mut report, "proxied_");
+    }
+    report
+        .metric("median_requests_per_s", local_rps)
+        .metric("median_proxied_requests_per_s", proxied_rps)
+        .metric("median_latency_p50_ms", local_p50)
+        .metric("median_proxied_latency_p50_ms", proxied_p50)
+        .metric(
+            "local_over_proxied_rps",
+            if proxied_rps > 0.0 {
+                local_rps / proxied_rps
+            } else {
+                0.0
+            },
+        );
+    report
+}
+
+/// One measured run of `method`.
+struct Phase {
+    up: u64,
+    failed: u64,
+    ok: u64,
+    errors: u64,
+    timed_out: u64,
+    elapsed: Duration,
+    lat: Latency,
+    problems: Vec<String>,
+}
+
+impl Phase {
+    fn write(self, report: &mut Report, prefix: &str) {
+        for problem in self.problems {
+            report.error(problem);
+        }
+        let name = |metric: &str| format!("{prefix}{metric}");
+        report
+            .metric(&name("connections_ok"), self.up as f64)
+            .metric(&name("connect_failures"), self.failed as f64)
+            .metric(&name("requests_ok"), self.ok as f64)
+            .metric(&name("requests_error"), self.errors as f64)
+            .metric(&name("requests_timed_out"), self.timed_out as f64)
+            .metric(&name("elapsed_s"), self.elapsed.as_secs_f64())
+            .metric(&name("requests_per_s"), per_sec(self.ok, self.elapsed))
+            .latency(
+                if prefix.is_empty() { "all" } else { "proxied" },
+                prefix,
+                self.lat.summary(),
+            );
+    }
+}
+
+async fn phase(c: &Common, o: &RpcOpts, method: &str) -> Phase {
+    let mut problems = Vec::new();
+    let method: Arc<str> = Arc::from(method);
 
     let connected = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -78,7 +172,7 @@ pub async fn run(c: &Common, o: &RpcOpts) -> Report {
     let mut tasks = Vec::with_capacity(o.conns);
     for i in 0..o.conns {
         let target = c.urls[i % c.urls.len()].clone();
-        let (c2, o2) = (c.clone(), o.clone());
+        let (c2, o2, method) = (c.clone(), o.clone(), Arc::clone(&method));
         let (connected, failed, completed, sem, pad) = (
             connected.clone(),
             failed.clone(),
@@ -113,7 +207,7 @@ pub async fn run(c: &Common, o: &RpcOpts) -> Report {
                     return ConnResult::default();
                 }
             };
-            let r = drive(&mut ws, &o2, start, &pad, &completed).await;
+            let r = drive(&mut ws, &o2, &method, start, &pad, &completed).await;
             let _ = ws.close(None).await;
             r
         }));
@@ -148,36 +242,36 @@ pub async fn run(c: &Common, o: &RpcOpts) -> Report {
                     last = last.max(l);
                 }
                 if let Some(e) = r.error {
-                    report.error(e);
+                    problems.push(e);
                 }
             }
-            Err(e) => report.error(format!("task: {e}")),
+            Err(e) => problems.push(format!("task: {e}")),
         }
     }
     bar.finish().await;
     drop(start_tx);
-    let elapsed = last.saturating_duration_since(start);
-    report
-        .metric("connections_ok", up as f64)
-        .metric("connect_failures", failed.load(Ordering::Relaxed) as f64)
-        .metric("requests_ok", ok as f64)
-        .metric("requests_error", errors as f64)
-        .metric("requests_timed_out", timed_out as f64)
-        .metric("elapsed_s", elapsed.as_secs_f64())
-        .metric("requests_per_s", per_sec(ok, elapsed))
-        .latency("all", "", lat.summary());
-    report
+    Phase {
+        up,
+        failed: failed.load(Ordering::Relaxed),
+        ok,
+        errors,
+        timed_out,
+        elapsed: last.saturating_duration_since(start),
+        lat,
+        problems,
+    }
 }
 
-fn request(id: u64, pad: &str) -> String {
+fn request(method: &str, id: u64, pad: &str) -> String {
     format!(
-        r#"{{"jsonrpc":"2.0","id":{id},"method":"self.reply","params":{{"n":{id},"pad":"{pad}"}}}}"#
+        r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{{"n":{id},"pad":"{pad}"}}}}"#
     )
 }
 
 async fn drive(
     ws: &mut Ws,
     o: &RpcOpts,
+    method: &str,
     start: Instant,
     pad: &str,
     completed: &AtomicU64,
@@ -192,7 +286,7 @@ async fn drive(
         () => {
             if Instant::now() < deadline {
                 while next_id <= last_id && inflight.len() < o.depth {
-                    if let Err(e) = ws.feed(Message::text(request(next_id, pad))).await {
+                    if let Err(e) = ws.feed(Message::text(request(method, next_id, pad))).await {
                         r.error = Some(format!("send: {e}"));
                         return r;
                     }

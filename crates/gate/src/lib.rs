@@ -22,7 +22,9 @@ mod token;
 
 use std::sync::Arc;
 
-pub use auth::{AuthConfig, AuthError, JwtConfig, MAX_TOKEN_LEN, PublicKey, Verifier};
+pub use auth::{
+    AuthConfig, AuthError, BackendClaims, JwtConfig, MAX_TOKEN_LEN, PublicKey, Verifier,
+};
 pub use budget::Budget;
 pub use connection::{ConnectionLimits, RequestVerdict};
 pub use counts::{OpenCounts, OpenSlot};
@@ -32,7 +34,7 @@ pub use jwks::{FetchKeys, Jwks};
 pub use limits::{Limits, Rate, RequestRate};
 pub use namespaces::{DeliveryPolicy, NamespaceOptions, Namespaces};
 pub use refusal::{Refusal, Scope};
-pub use token::{TokenClaims, bearer_token, mint_hs256, query_token, query_values};
+pub use token::{TokenClaims, bearer_token, mint_hs256, query_params, query_token, query_values};
 
 /// Everything the gate is told at start-up.
 #[derive(Clone, Debug)]

@@ -34,6 +34,18 @@ pub fn query_values(query: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Every parameter of a query string but `token`, percent-decoded (for the connect
+/// proxy, which receives the token on its own).
+pub fn query_params(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .filter(|(name, _)| *name != "token")
+        .map(|(name, value)| (percent_decode(name), percent_decode(value)))
+        .collect()
+}
+
 /// Undoes `%XX` and `+` (a space) in a query value; malformed escapes stay as they are.
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();

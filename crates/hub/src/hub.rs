@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::client::{ClientHandle, ClientId, CloseReason, Dropped, Identity, Outbox};
 use crate::frame::Frame;
@@ -50,6 +50,13 @@ pub struct UnsubscribeOutcome {
 }
 
 type Subscribers = HashMap<ClientId, ClientHandle>;
+
+/// Frames kept for one parked subscription, and their bytes.
+#[derive(Default)]
+struct Parked {
+    frames: Vec<Frame>,
+    bytes: usize,
+}
 /// One shard of a name index (channels, users, devices): a name to its local clients.
 type NameShard = RwLock<HashMap<Arc<str>, Subscribers>>;
 
@@ -60,6 +67,11 @@ pub struct Hub {
     /// Subscribers not yet receiving live publications: a history channel's new
     /// subscriber is held until what it recovered has been queued for it.
     held: Box<[NameShard]>,
+    /// Live publications kept for held subscribers that asked for them (a proxied
+    /// `subscribe` waiting for the backend's data): by client and channel, in order.
+    parked: Mutex<HashMap<(ClientId, Arc<str>), Parked>>,
+    /// Entries in `parked`: publishing looks there only when some exist.
+    parked_count: AtomicUsize,
     /// Registered clients by user id.
     users: Box<[NameShard]>,
     /// Registered clients by device id (device ids are global, not per user).
@@ -86,6 +98,8 @@ impl Hub {
             clients: (0..SHARDS).map(|_| RwLock::default()).collect(),
             channels: (0..SHARDS).map(|_| RwLock::default()).collect(),
             held: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            parked: Mutex::default(),
+            parked_count: AtomicUsize::new(0),
             users: (0..SHARDS).map(|_| RwLock::default()).collect(),
             devices: (0..SHARDS).map(|_| RwLock::default()).collect(),
             next_id: AtomicU64::new(1),
@@ -98,7 +112,20 @@ impl Hub {
     /// Creates a client with its outbound queue, not yet visible to fan-out. Queue
     /// what must arrive first (e.g. a greeting), then call [`Hub::register`].
     pub fn create_client(&self, identity: Identity) -> (ClientHandle, Outbox) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.create_client_with_id(self.reserve_id(), identity)
+    }
+
+    /// A client id for a client created later, e.g. once a backend has said who it is.
+    pub fn reserve_id(&self) -> ClientId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// [`Hub::create_client`] with an id from [`Hub::reserve_id`].
+    pub fn create_client_with_id(
+        &self,
+        id: ClientId,
+        identity: Identity,
+    ) -> (ClientHandle, Outbox) {
         ClientHandle::new(id, identity, self.send_budget, Arc::clone(&self.events))
     }
 
@@ -148,6 +175,7 @@ impl Hub {
                 let shard = name_shard(channel);
                 let live_empty = remove_from(&self.channels[shard], channel, client.id());
                 let held_empty = remove_from(&self.held[shard], channel, client.id());
+                self.unpark(client.id(), channel);
                 (live_empty || held_empty) && !self.has_subscribers(channel)
             })
             .collect()
@@ -207,7 +235,12 @@ impl Hub {
 
     /// Queues `frame` for every subscriber of `channel` on this node.
     pub fn publish(&self, channel: &str, frame: &Frame) -> usize {
-        let shard = read(&self.channels[name_shard(channel)]);
+        let index = name_shard(channel);
+        // Held before the live shard, as `release_parked` takes them: a frame is
+        // either kept for a parked subscriber or delivered to it live, never both.
+        let _held = (self.parked_count.load(Ordering::Acquire) > 0)
+            .then(|| self.keep_for_parked(index, channel, frame));
+        let shard = read(&self.channels[index]);
         shard.get(channel).map_or(0, |subscribers| {
             subscribers
                 .values()
@@ -219,7 +252,10 @@ impl Hub {
     /// Queues `frame` for every subscriber of `channel` on this node but `except`
     /// (e.g. the member a `sys.join` is about).
     pub fn publish_except(&self, channel: &str, frame: &Frame, except: ClientId) -> usize {
-        let shard = read(&self.channels[name_shard(channel)]);
+        let index = name_shard(channel);
+        let _held = (self.parked_count.load(Ordering::Acquire) > 0)
+            .then(|| self.keep_for_parked(index, channel, frame));
+        let shard = read(&self.channels[index]);
         shard.get(channel).map_or(0, |subscribers| {
             subscribers
                 .values()
@@ -238,6 +274,100 @@ impl Hub {
     /// [`Hub::release`] makes it live.
     pub fn subscribe_held(&self, client: &ClientHandle, channel: &str) -> SubscribeOutcome {
         self.subscribe_into(&self.held, client, channel)
+    }
+
+    /// Like [`Hub::subscribe_held`], and live publications of `channel` are kept for
+    /// the client (up to its send budget; past it the client is closed as a slow
+    /// consumer) until [`Hub::release_parked`].
+    pub fn subscribe_parked(&self, client: &ClientHandle, channel: &str) -> SubscribeOutcome {
+        let outcome = self.subscribe_into(&self.held, client, channel);
+        if outcome.added {
+            let mut parked = lock(&self.parked);
+            if parked
+                .insert((client.id(), Arc::from(channel)), Parked::default())
+                .is_none()
+            {
+                self.parked_count.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        outcome
+    }
+
+    /// Makes a parked subscriber live: queues `first`, then what was kept for it, then
+    /// lets live publications reach it. False when it is not parked (unsubscribed or
+    /// gone meanwhile).
+    pub fn release_parked(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        first: Option<Frame>,
+    ) -> bool {
+        // Lock order everywhere: the client's own set, then the channel shards.
+        let own = client.channels();
+        let shard = name_shard(channel);
+        let mut held = write(&self.held[shard]);
+        let kept = self.unpark(client.id(), channel);
+        let Some(subscribers) = held.get_mut(channel) else {
+            return false;
+        };
+        let Some(handle) = subscribers.remove(&client.id()) else {
+            return false;
+        };
+        if subscribers.is_empty() {
+            held.remove(channel);
+        }
+        for frame in first
+            .into_iter()
+            .chain(kept.into_iter().flat_map(|kept| kept.frames))
+        {
+            let _ = client.send(frame);
+        }
+        let key = own
+            .get(channel)
+            .map_or_else(|| Arc::from(channel), Arc::clone);
+        write(&self.channels[shard])
+            .entry(key)
+            .or_default()
+            .insert(client.id(), handle);
+        true
+    }
+
+    /// Takes a parked subscription's kept frames out.
+    fn unpark(&self, id: ClientId, channel: &str) -> Option<Parked> {
+        if self.parked_count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let kept = lock(&self.parked).remove(&(id, Arc::from(channel)));
+        if kept.is_some() {
+            self.parked_count.fetch_sub(1, Ordering::AcqRel);
+        }
+        kept
+    }
+
+    /// Keeps `frame` for the parked subscribers of `channel`; returns the held shard's
+    /// guard, to be kept until the frame has been delivered live.
+    fn keep_for_parked(
+        &self,
+        index: usize,
+        channel: &str,
+        frame: &Frame,
+    ) -> RwLockReadGuard<'_, HashMap<Arc<str>, Subscribers>> {
+        let held = read(&self.held[index]);
+        if let Some((name, subscribers)) = held.get_key_value(channel) {
+            let mut parked = lock(&self.parked);
+            for client in subscribers.values() {
+                let Some(kept) = parked.get_mut(&(client.id(), Arc::clone(name))) else {
+                    continue;
+                };
+                kept.bytes += frame.len();
+                if kept.bytes > self.send_budget {
+                    client.close(CloseReason::SlowConsumer);
+                    continue;
+                }
+                kept.frames.push(frame.clone());
+            }
+        }
+        held
     }
 
     /// Lets live publications of `channel` reach a held subscriber. False when it is
@@ -315,6 +445,7 @@ impl Hub {
         let shard = name_shard(channel);
         remove_from(&self.channels[shard], channel, client.id());
         remove_from(&self.held[shard], channel, client.id());
+        self.unpark(client.id(), channel);
         let last_on_node = !self.has_subscribers(channel);
         drop(own);
         UnsubscribeOutcome {
@@ -398,6 +529,12 @@ fn name_shard(name: &str) -> usize {
 // single insert or remove), so poisoning is not a reason to stop serving.
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
@@ -636,6 +773,48 @@ mod tests {
         hub.subscribe_held(&client, "g");
         assert_eq!(hub.remove(&client), vec![Arc::<str>::from("g")]);
         assert!(!hub.has_subscribers("g"));
+    }
+
+    #[tokio::test]
+    async fn a_parked_subscriber_gets_its_first_frame_then_what_was_kept() {
+        let hub = hub(1 << 16);
+        let (client, mut outbox) = connect(&hub);
+        let (other, mut other_out) = connect(&hub);
+        hub.subscribe(&other, "p");
+        assert!(hub.subscribe_parked(&client, "p").added);
+        assert_eq!(hub.publish("p", &Frame::from_static("meanwhile")), 1);
+        assert_eq!(outbox.try_next(), None, "kept, not delivered");
+        assert!(hub.release_parked(&client, "p", Some(Frame::from_static("first"))));
+        assert!(!hub.release_parked(&client, "p", None), "released once");
+        hub.publish("p", &Frame::from_static("live"));
+        let got: Vec<_> = std::iter::from_fn(|| outbox.try_next()).collect();
+        assert_eq!(
+            got,
+            ["first", "meanwhile", "live"]
+                .map(Frame::from_static)
+                .to_vec()
+        );
+        assert_eq!(other_out.try_next(), Some(Frame::from_static("meanwhile")));
+        assert_eq!(hub.parked_count.load(Ordering::Acquire), 0);
+
+        // Unsubscribed or gone while parked: nothing is kept.
+        hub.subscribe_parked(&client, "q");
+        assert!(hub.unsubscribe(&client, "q").removed);
+        hub.subscribe_parked(&client, "r");
+        hub.remove(&client);
+        assert_eq!(hub.parked_count.load(Ordering::Acquire), 0);
+        assert_eq!(hub.publish("r", &Frame::from_static("x")), 0);
+    }
+
+    #[tokio::test]
+    async fn what_is_kept_for_a_parked_subscriber_is_bounded_by_its_budget() {
+        let hub = hub(8);
+        let (client, _outbox) = connect(&hub);
+        hub.subscribe_parked(&client, "p");
+        hub.publish("p", &Frame::from_static("1234"));
+        assert_eq!(client.closing(), None);
+        hub.publish("p", &Frame::from_static("56789"));
+        assert_eq!(client.closing(), Some(CloseReason::SlowConsumer));
     }
 
     #[tokio::test]

@@ -315,3 +315,34 @@ async fn data_is_kept_exactly_and_reads_are_capped() {
     let offsets: Vec<u64> = newest.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, [1500, 1499]);
 }
+
+/// What a kept publication costs in the stream: 2 000 appends of a 100-byte payload
+/// to one channel that keeps them all (the stream's bytes, as JetStream accounts them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_per_publication() {
+    const COUNT: u64 = 2_000;
+    let server = Server::start(Kind::Nats);
+    let store = connected(&server.url(), PREFIX).await;
+    let keep = Retention {
+        size: 10_000,
+        ttl: Some(Duration::from_secs(300)),
+    };
+    store.position("room").await.expect("position");
+    let client = async_nats::connect(&server.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(store.stream_name()).await.expect("stream");
+    let empty = stream.info().await.expect("info").state.bytes;
+    for n in 0..COUNT {
+        let payload = format!(r#"{{"n":"{n:08}","text":"{}"}}"#, "x".repeat(74));
+        store
+            .append("room", payload.as_bytes(), keep, None)
+            .await
+            .expect("append");
+    }
+    let full = stream.info().await.expect("info").state.bytes;
+    let each = (full - empty) / COUNT;
+    eprintln!("{COUNT} publications of 100 bytes: {each} stream bytes each");
+    // The subject, the headers (offset, epoch, TTL and the compare-and-set's) and
+    // JetStream's own record: about 400 bytes around 100 of data.
+    assert!(each < 500, "{each} bytes each");
+}

@@ -19,6 +19,8 @@ pub struct Services {
     pub node: Arc<dyn Node>,
     pub gate: Arc<Gate>,
     pub observer: Arc<dyn Observer>,
+    /// The application's backend, when a proxy is configured (section 13).
+    pub backend: Option<Arc<dyn crate::Backend>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -43,6 +45,11 @@ pub struct Caller {
     /// transport on every turn, so it is kept outside the lock.
     expires_at: AtomicU64,
     pub(crate) order: Arc<ChannelOrder>,
+    /// Headers of the upgrade request that every proxy request of the connection
+    /// carries (lower-case name, value).
+    forwarded: Vec<(String, String)>,
+    /// Proxy requests of this connection in flight.
+    proxied: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Caller {
@@ -55,7 +62,26 @@ impl Caller {
             expires_at: AtomicU64::new(identity.expires_at.unwrap_or(0)),
             identity: RwLock::new(identity),
             order: Arc::default(),
+            forwarded: Vec::new(),
+            proxied: Arc::default(),
         }
+    }
+
+    /// With the upgrade request's headers that proxy requests carry.
+    #[must_use]
+    pub fn with_forwarded(mut self, headers: Vec<(String, String)>) -> Self {
+        self.forwarded = headers;
+        self
+    }
+
+    /// The headers proxy requests of this connection carry.
+    pub fn forwarded(&self) -> &[(String, String)] {
+        &self.forwarded
+    }
+
+    /// One of the connection's `max` proxy requests in flight, if one is free.
+    pub fn proxy_slot(&self, max: usize) -> Option<crate::Slot> {
+        crate::Slot::take(&self.proxied, max)
     }
 
     /// The server API (one per request): no grants, no budgets, replies up to
@@ -68,6 +94,8 @@ impl Caller {
             expires_at: AtomicU64::new(0),
             identity: RwLock::new(Identity::anonymous()),
             order: Arc::default(),
+            forwarded: Vec::new(),
+            proxied: Arc::default(),
         }
     }
 

@@ -16,6 +16,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     RateLimited,
     Unavailable,
+    /// A code the application's backend chose (relayed by the rpc proxy).
+    Backend(i32),
 }
 
 impl ErrorCode {
@@ -32,6 +34,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => -32013,
             Self::RateLimited => -32029,
             Self::Unavailable => -32053,
+            Self::Backend(code) => code,
         }
     }
 
@@ -48,6 +51,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => "Payload too large",
             Self::RateLimited => "Rate limited",
             Self::Unavailable => "Unavailable",
+            Self::Backend(_) => "Server error",
         }
     }
 }
@@ -189,6 +193,25 @@ impl RpcError {
             format!("presence store unavailable: {why}"),
         )
         .data(serde_json::json!({ "reason": "presence unavailable" }))
+    }
+
+    /// `-32053` when the backend of `proxy` did not answer as it should (down, slow,
+    /// a status other than 200, not the expected JSON).
+    pub fn proxy_failed(proxy: &str, why: impl std::fmt::Display) -> Self {
+        Self::with_detail(ErrorCode::Unavailable, format!("{proxy} proxy: {why}"))
+            .data(serde_json::json!({ "proxy": proxy }))
+    }
+
+    /// `-32053` when `proxy` has as many requests in flight as it may.
+    pub fn proxy_busy(proxy: &str) -> Self {
+        Self::with_detail(ErrorCode::Unavailable, format!("{proxy} proxy busy"))
+            .data(serde_json::json!({ "proxy": proxy, "reason": "busy" }))
+    }
+
+    /// `-32003` for a call the backend refused.
+    pub fn proxy_refused(channel: &str, reason: &str) -> Self {
+        Self::with_detail(ErrorCode::Forbidden, reason)
+            .data(serde_json::json!({ "channel": channel, "reason": reason }))
     }
 
     /// `-32600` for a batch longer than the limit: nothing in it was executed.

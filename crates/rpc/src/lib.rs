@@ -15,6 +15,7 @@ mod node;
 pub mod notification;
 mod order;
 mod params;
+mod proxy;
 mod request;
 mod response;
 mod router;
@@ -29,5 +30,6 @@ pub use node::{
     StreamPosition, Subscribed, Targets,
 };
 pub use params::{Params, validate_channel};
+pub use proxy::{Backend, Slot, Verdict};
 pub use request::{Call, Entry, Message, parse, parse_with_limit};
-pub use router::{Answer, Handled, LaterMessage, Router};
+pub use router::{Answer, Handled, LaterMessage, PROXIED, Router};

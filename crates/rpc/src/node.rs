@@ -155,6 +155,27 @@ pub trait Node: Send + Sync + 'static {
         since: Option<StreamPosition>,
     ) -> Subscribed;
 
+    /// Like [`Node::subscribe`], for a subscription whose backend is still to be
+    /// asked: live publications are kept for the client until
+    /// [`Node::release_parked`] (on a history channel, until the recovery's `join`).
+    fn subscribe_parked(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Subscribed {
+        self.subscribe(client, channel, since)
+    }
+
+    /// Queues `first` for a parked subscriber, then what was kept for it, and makes it
+    /// live. False when it is no longer subscribed.
+    fn release_parked(&self, client: &ClientHandle, _channel: &str, first: Option<Frame>) -> bool {
+        if let Some(frame) = first {
+            let _ = client.send(frame);
+        }
+        true
+    }
+
     /// Whether `channel`'s namespace keeps history.
     fn keeps_history(&self, _channel: &str) -> bool {
         false

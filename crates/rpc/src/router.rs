@@ -21,6 +21,8 @@ use crate::response::{write_error, write_result};
 const INVALID: &str = "invalid";
 /// Method label for names nobody registered (kept bounded for metrics).
 const UNKNOWN: &str = "unknown";
+/// Method label for calls relayed to the application's backend.
+pub const PROXIED: &str = "proxied";
 
 /// A reply that is not ready yet.
 pub type LaterMessage = Pin<Box<dyn Future<Output = Answer> + Send>>;
@@ -224,13 +226,21 @@ impl Router {
         let observer = cx.services.observer.as_ref();
         let (method, result) = match self.get(call.method.as_ref()) {
             Some((name, handler)) => (*name, handler.dispatch(handler, cx, Params(call.params))),
-            None => (
-                UNKNOWN,
-                Err(RpcError::with_detail(
-                    ErrorCode::MethodNotFound,
-                    truncated(&call.method),
-                )),
-            ),
+            None => match cx
+                .services
+                .backend
+                .as_ref()
+                .and_then(|backend| backend.rpc(cx.caller, &call.method, call.params, call.id))
+            {
+                Some(relayed) => (PROXIED, Ok(Reply::Later(relayed))),
+                None => (
+                    UNKNOWN,
+                    Err(RpcError::with_detail(
+                        ErrorCode::MethodNotFound,
+                        truncated(&call.method),
+                    )),
+                ),
+            },
         };
         let result = match result {
             // An effect needs the deferred path, which runs it after the reply.

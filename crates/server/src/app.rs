@@ -33,6 +33,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::node::{ClusterNode, NodeParts, Topics};
 use crate::presence::{Presence, PresenceSettings};
+use crate::proxy::Proxy;
 use crate::webhook::Webhook;
 
 /// Per-connection read buffer, allocated up front for every socket, idle or not: it
@@ -78,6 +79,8 @@ pub struct App {
     pub api_router: Router,
     pub metrics: Arc<Metrics>,
     pub ip_limits: Arc<IpLimits>,
+    /// The backend proxies, when one is configured.
+    pub proxy: Option<Proxy>,
     pub ws_config: WebSocketConfig,
     pub started: Instant,
     draining: AtomicBool,
@@ -224,6 +227,7 @@ pub async fn start_with_bus(
         .method_names()
         .into_iter()
         .chain(api_router.method_names())
+        .chain([chorus_rpc::PROXIED])
         .collect();
     let metrics = Arc::new(Metrics::new(
         config.cluster.backbone.adapter(),
@@ -282,10 +286,22 @@ pub async fn start_with_bus(
     });
     let gate = Arc::new(Gate::new(gate_config(&config, &http)));
     let ip_limits = IpLimits::new(gate.limits());
+    let proxy = config.proxy.any().then(|| {
+        Proxy::new(
+            &config.proxy,
+            http.clone(),
+            config.cluster.node_id.clone(),
+            config.transport.send_buffer,
+            metrics.proxy.clone(),
+        )
+    });
     let services = Arc::new(Services {
         node: node.clone(),
         gate,
         observer: metrics.clone(),
+        backend: proxy
+            .clone()
+            .map(|proxy| Arc::new(proxy) as Arc<dyn chorus_rpc::Backend>),
     });
     let transport = &config.transport;
     // One frame of the largest kind (a reply up to the send budget, or an echoed
@@ -312,6 +328,7 @@ pub async fn start_with_bus(
         api_router,
         metrics,
         ip_limits,
+        proxy,
         ws_config,
         started: Instant::now(),
         draining: AtomicBool::new(false),

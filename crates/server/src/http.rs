@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use crate::app::{App, ConnectionSlot};
 use crate::connection::{self, Mode};
 use crate::lifecycle::Reason;
+use crate::proxy::{Admission, ConnectRequest};
 use crate::session::Session;
 
 /// Longest wait, before the upgrade is answered, for the cluster to learn of a new
@@ -182,20 +183,43 @@ fn request_token(request: &Request<Incoming>) -> Option<String> {
     from_header.or_else(|| request.uri().query().and_then(chorus_gate::query_token))
 }
 
-/// A connection let in: who it is, from where, and its reserved slot.
-pub(crate) struct Admission {
+/// The upgrade request's headers named in `WS_PROXY_HEADERS`, for every proxy request
+/// of the connection (values that are not text are left out).
+fn forwarded_headers(app: &App, headers: &HeaderMap) -> Vec<(String, String)> {
+    let names = &app.config.proxy.headers;
+    if names.is_empty() || app.proxy.is_none() {
+        return Vec::new();
+    }
+    names
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name.as_str())
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .map(|value| (name.clone(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// A connection let in: its id, who it is, from where, its reserved slot, and the
+/// headers every proxy request of the connection carries.
+pub(crate) struct Admitted {
+    pub id: chorus_hub::ClientId,
     pub identity: chorus_gate::Identity,
     pub client_ip: std::net::IpAddr,
     pub slot: ConnectionSlot,
+    pub forwarded: Vec<(String, String)>,
 }
 
 /// The checks every transport makes before it serves a client: origin, drain,
-/// address limits, token, user limits, connection cap. A refusal is the response.
+/// address limits, identity (the token, or the connect proxy), user limits,
+/// connection cap. A refusal is the response.
 pub(crate) async fn admit(
     app: &Arc<App>,
     peer: SocketAddr,
     request: &Request<Incoming>,
-) -> Result<Admission, Response<Body>> {
+) -> Result<Admitted, Response<Body>> {
     let headers = request.headers();
     let origin = headers
         .get(header::ORIGIN)
@@ -235,16 +259,45 @@ pub(crate) async fn admit(
         }
     };
     let gate = &app.services.gate;
-    let identity = match gate
-        .verifier()
-        .verify(request_token(request).as_deref())
-        .await
-    {
-        Ok(identity) => identity,
-        Err(error) => {
-            app.metrics.auth_failed(error.reason());
-            return Err(refusal(StatusCode::UNAUTHORIZED, error.reason()));
+    let id = app.node.hub().reserve_id();
+    let forwarded = forwarded_headers(app, request.headers());
+    let token = request_token(request);
+    let identity = match &app.proxy {
+        Some(proxy) if proxy.decides_connect() => {
+            let query = request
+                .uri()
+                .query()
+                .map(chorus_gate::query_params)
+                .unwrap_or_default();
+            let admission = proxy
+                .connect(ConnectRequest {
+                    client_id: &app.node.client_id(id),
+                    remote_addr: &client_ip.to_string(),
+                    token: token.as_deref(),
+                    query,
+                    headers: &forwarded,
+                })
+                .await;
+            match admission {
+                Admission::Allowed(identity) => identity,
+                Admission::Refused(status, message) => return Err(refusal(status, &message)),
+                Admission::Failed(why) => {
+                    // Per upgrade, so not louder: the breaker warns when failures persist.
+                    tracing::debug!(%why, "connect proxy failed: refused with 503");
+                    return Err(refusal(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "connect proxy unavailable",
+                    ));
+                }
+            }
         }
+        _ => match gate.verifier().verify(token.as_deref()).await {
+            Ok(identity) => identity,
+            Err(error) => {
+                app.metrics.auth_failed(error.reason());
+                return Err(refusal(StatusCode::UNAUTHORIZED, error.reason()));
+            }
+        },
     };
     let user_slot = match gate.admit_user(identity.user.as_ref()) {
         Ok(slot) => slot,
@@ -261,10 +314,12 @@ pub(crate) async fn admit(
             "too many connections\n",
         ));
     };
-    Ok(Admission {
+    Ok(Admitted {
+        id,
         identity,
         client_ip,
         slot,
+        forwarded,
     })
 }
 
@@ -272,10 +327,18 @@ pub(crate) async fn admit(
 /// topic held, its presence recorded), so a `send` right after the open reaches it.
 pub(crate) async fn open_session(
     app: &Arc<App>,
+    id: chorus_hub::ClientId,
     identity: chorus_gate::Identity,
     client_ip: std::net::IpAddr,
+    forwarded: Vec<(String, String)>,
 ) -> Session {
-    let (session, known) = Session::open(Arc::clone(app), identity, client_ip.to_string());
+    let (session, known) = Session::open(
+        Arc::clone(app),
+        id,
+        identity,
+        client_ip.to_string(),
+        forwarded,
+    );
     if tokio::time::timeout(CLUSTER_WAIT, known).await.is_err() {
         tracing::debug!("the cluster did not confirm a new connection in time; serving it anyway");
     }
@@ -327,16 +390,18 @@ async fn upgrade(
         );
     };
     let accept = derive_accept_key(key.as_bytes());
-    let Admission {
+    let Admitted {
+        id,
         identity,
         client_ip,
         slot,
+        forwarded,
     } = match admit(&app, peer, &request).await {
-        Ok(admission) => admission,
+        Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
     let session = match mode {
-        Mode::Rpc => Some(open_session(&app, identity, client_ip).await),
+        Mode::Rpc => Some(open_session(&app, id, identity, client_ip, forwarded).await),
         Mode::Echo => None,
     };
 

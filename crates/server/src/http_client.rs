@@ -103,6 +103,38 @@ impl HttpClient {
     }
 }
 
+impl HttpClient {
+    /// `POST uri` with a JSON `body` and `headers`: the answer's status and body (at
+    /// most `max_body` bytes). No timeout of its own: the caller bounds it.
+    pub async fn post(
+        &self,
+        uri: &Uri,
+        headers: hyper::HeaderMap,
+        body: Bytes,
+        max_body: usize,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let mut request = Request::post(uri.clone())
+            .body(Full::new(body))
+            .map_err(|error| error.to_string())?;
+        *request.headers_mut() = headers;
+        request.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|error| format!("request failed: {error}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|error| format!("body: {error}"))?;
+        Ok((status, body.to_bytes()))
+    }
+}
+
 /// A JWKS URL as the gate's key source.
 pub struct JwksSource {
     pub client: HttpClient,

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod presence;
+pub mod proxy;
 mod session;
 mod sse;
 pub mod webhook;

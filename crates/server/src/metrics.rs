@@ -87,6 +87,7 @@ pub struct Metrics {
     pub lifecycle_events: Vec<IntCounter>,
     pub webhook: crate::webhook::WebhookMetrics,
     pub history: crate::history::HistoryMetrics,
+    pub proxy: crate::proxy::ProxyMetrics,
     /// Messages a channel's delivery policy dropped from a client's queue.
     pub policy_drops: IntCounter,
     /// Sorted by method name: found by binary search, without hashing every call's name.
@@ -308,6 +309,7 @@ impl Metrics {
             "Queued messages a channel's delivery policy (drop_oldest, latest) dropped \
              for a client that fell behind, instead of disconnecting it",
         )?;
+        let proxy = crate::proxy::ProxyMetrics::register(&registry)?;
         let webhook = crate::webhook::WebhookMetrics {
             sent: counter(
                 "ws_webhook_sent_total",
@@ -349,6 +351,7 @@ impl Metrics {
             lifecycle_events,
             webhook,
             history,
+            proxy,
             policy_drops,
             methods: method_series,
         })
@@ -459,6 +462,8 @@ mod tests {
             "ws_webhook_dropped_total{reason=\"queue_full\"}",
             "ws_webhook_dropped_total{reason=\"refused\"}",
             "ws_webhook_queue",
+            "ws_proxy_requests_total{outcome=\"circuit_open\",proxy=\"rpc\"}",
+            "ws_proxy_duration_seconds_count{proxy=\"connect\"}",
             "ws_history_reads_total{reason=\"recovery\"}",
             "ws_recoveries_total{outcome=\"memory\"}",
             "ws_history_errors_total",

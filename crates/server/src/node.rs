@@ -950,36 +950,22 @@ fn unavailable(error: &PresenceError) -> RpcError {
     RpcError::presence_unavailable(error)
 }
 
-impl Node for ClusterNode {
-    fn broadcast(&self, frame: Frame) -> Delivery {
-        self.hub.broadcast(&frame);
-        if self.backbone.is_none() {
-            return Delivery::Cluster;
-        }
-        let envelope = self.envelope(Kind::Broadcast, String::new(), frame.as_bytes().clone());
-        self.send_to_cluster(&envelope, &[self.topics.broadcast().to_owned()])
-    }
-
-    fn publish(&self, channel: &str, data: &RawValue, idempotency_key: Option<&str>) -> Published {
-        if self.namespaces.of(channel).history_size > 0 {
-            return Published::Later(self.publish_history(channel, data, idempotency_key));
-        }
-        if let Some(key) = idempotency_key {
-            return Published::Later(self.publish_once(channel, data, key));
-        }
-        Published::Now(self.publish_frame(channel, notification::channel_message(channel, data)))
-    }
-
-    fn subscribe(
+impl ClusterNode {
+    /// `subscribe`; `park` keeps live publications for the client until
+    /// `release_parked` (history channels hold them until the recovery's `join`).
+    fn subscribe_as(
         &self,
         client: &ClientHandle,
         channel: &str,
         since: Option<StreamPosition>,
+        park: bool,
     ) -> Subscribed {
         let options = self.namespaces.of(channel);
         let history = options.history_size > 0;
         let outcome = if history {
             self.hub.subscribe_held(client, channel)
+        } else if park {
+            self.hub.subscribe_parked(client, channel)
         } else {
             self.hub.subscribe(client, channel)
         };
@@ -1085,6 +1071,49 @@ impl Node for ClusterNode {
                 }
             })),
         }
+    }
+}
+
+impl Node for ClusterNode {
+    fn broadcast(&self, frame: Frame) -> Delivery {
+        self.hub.broadcast(&frame);
+        if self.backbone.is_none() {
+            return Delivery::Cluster;
+        }
+        let envelope = self.envelope(Kind::Broadcast, String::new(), frame.as_bytes().clone());
+        self.send_to_cluster(&envelope, &[self.topics.broadcast().to_owned()])
+    }
+
+    fn publish(&self, channel: &str, data: &RawValue, idempotency_key: Option<&str>) -> Published {
+        if self.namespaces.of(channel).history_size > 0 {
+            return Published::Later(self.publish_history(channel, data, idempotency_key));
+        }
+        if let Some(key) = idempotency_key {
+            return Published::Later(self.publish_once(channel, data, key));
+        }
+        Published::Now(self.publish_frame(channel, notification::channel_message(channel, data)))
+    }
+
+    fn subscribe(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Subscribed {
+        self.subscribe_as(client, channel, since, false)
+    }
+
+    fn subscribe_parked(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Subscribed {
+        self.subscribe_as(client, channel, since, true)
+    }
+
+    fn release_parked(&self, client: &ClientHandle, channel: &str, first: Option<Frame>) -> bool {
+        self.hub.release_parked(client, channel, first)
     }
 
     fn keeps_history(&self, channel: &str) -> bool {

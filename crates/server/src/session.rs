@@ -58,14 +58,19 @@ impl Session {
     /// [`ClusterNode::connect`]: crate::node::ClusterNode::connect
     pub fn open(
         app: Arc<App>,
+        id: chorus_hub::ClientId,
         identity: Identity,
         remote_addr: String,
+        forwarded: Vec<(String, String)>,
     ) -> (Self, impl Future<Output = ()> + Send + use<>) {
         let hub = app.node.hub();
-        let (client, outbox) = hub.create_client(chorus_hub::Identity {
-            user: identity.user.clone(),
-            device: identity.device.clone(),
-        });
+        let (client, outbox) = hub.create_client_with_id(
+            id,
+            chorus_hub::Identity {
+                user: identity.user.clone(),
+                device: identity.device.clone(),
+            },
+        );
         let client_id = app.node.client_id(client.id());
         let mut greeting = serde_json::json!({
             "client_id": client_id,
@@ -90,11 +95,10 @@ impl Session {
             info: identity.info.clone(),
         };
         let known = app.node.connect(&client, connection);
-        let caller = Arc::new(Caller::new(
-            client.clone(),
-            identity,
-            app.services.gate.connection(),
-        ));
+        let caller = Arc::new(
+            Caller::new(client.clone(), identity, app.services.gate.connection())
+                .with_forwarded(forwarded),
+        );
         let session = Self {
             app,
             client,

@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::app::{App, ConnectionSlot};
-use crate::http::{Admission, Body, RouteBody, admit, json as json_response, open_session};
+use crate::http::{Admitted, Body, RouteBody, admit, json as json_response, open_session};
 use crate::lifecycle::Reason;
 use crate::session::Session;
 
@@ -145,10 +145,12 @@ async fn open(
         })
         .map(|token| Positions::parse(&token))
         .unwrap_or_default();
-    let Admission {
+    let Admitted {
+        id,
         identity,
         client_ip,
         slot,
+        forwarded,
     } = admit(app, peer, request).await?;
     // Grants first, so a refused stream never shows up in presence or lifecycle events.
     for channel in &channels {
@@ -159,7 +161,7 @@ async fn open(
             ));
         }
     }
-    let session = open_session(app, identity, client_ip).await;
+    let session = open_session(app, id, identity, client_ip, forwarded).await;
     for (index, channel) in channels.iter().enumerate() {
         let mut params = json!({ "channel": channel });
         if let Some(position) = resume.get(channel) {

@@ -19,7 +19,9 @@
 //! `p.<channel>.<head + 1>` on condition that the newest message of `p.<channel>.*` is
 //! still the head that was read (`Nats-Expected-Last-Subject-Sequence` with
 //! `Nats-Expected-Last-Subject-Sequence-Subject`, 2.11+); a replica that lost the race
-//! reads the new head and tries again. So offsets are contiguous whoever appends, and
+//! reads the new head and tries again (a replica remembers the head its own last
+//! append made, so while it is the only one appending to a channel an append is one
+//! round trip). So offsets are contiguous whoever appends, and
 //! a publication is found by its offset with one direct get. The epoch travels in every
 //! message; when `p.<channel>.*` is empty (a new channel, a deleted stream, a server
 //! restarted without its storage) the next call starts a random one.
@@ -43,6 +45,7 @@
 //! one second, the server's minimum) and their own time in milliseconds, which is what
 //! decides.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,7 +106,21 @@ pub struct NatsHistory {
     ttl: AtomicBool,
     /// Why the server cannot keep history, once known.
     problem: Mutex<Option<String>>,
+    /// The head each channel had after this replica's last append to it: the next
+    /// append tries it first, one round trip instead of two while nobody else appends.
+    heads: Mutex<HashMap<String, Head>>,
 }
+
+/// A channel's newest message: its stream sequence, offset and epoch.
+#[derive(Clone, Debug)]
+struct Head {
+    seq: u64,
+    offset: u64,
+    epoch: String,
+}
+
+/// Channels whose head is remembered at most; past it the memory starts over.
+const MAX_HEADS: usize = 10_000;
 
 impl std::fmt::Debug for NatsHistory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +144,7 @@ pub async fn connect(url: &str, prefix: &str) -> Result<NatsHistory, HistoryErro
         ready: AtomicBool::new(false),
         ttl: AtomicBool::new(false),
         problem: Mutex::new(None),
+        heads: Mutex::new(HashMap::new()),
     })
 }
 
@@ -440,8 +458,16 @@ impl NatsHistory {
     ) -> Result<Position, Fail> {
         let wildcard = format!("{prefix}*");
         let life = retention.ttl.map(|ttl| ttl.saturating_mul(10).max(DAY));
+        let mut remembered = self.remembered_head(prefix);
         for attempt in 0..CAS_ATTEMPTS {
-            let head = self.head(prefix).await?;
+            let head = match remembered.take() {
+                Some(head) => Some(head),
+                None => self.head(prefix).await?.map(|entry| Head {
+                    seq: entry.seq,
+                    offset: entry.offset,
+                    epoch: entry.epoch,
+                }),
+            };
             let (expected, offset, epoch) = match head {
                 Some(head) => (head.seq, head.offset + 1, head.epoch),
                 None => (0, 1, new_epoch()),
@@ -459,11 +485,29 @@ impl NatsHistory {
                     life,
                     data.clone(),
                 )
-                .await?;
-            if stored.is_none() {
-                backoff(attempt).await;
-                continue;
-            }
+                .await;
+            let seq = match stored {
+                Ok(Some(seq)) => seq,
+                Ok(None) => {
+                    // Another replica appended (or the head is gone): read it next.
+                    if attempt > 0 {
+                        backoff(attempt).await;
+                    }
+                    continue;
+                }
+                Err(fail) => {
+                    self.forget_head(prefix);
+                    return Err(fail);
+                }
+            };
+            self.remember_head(
+                prefix,
+                Head {
+                    seq,
+                    offset,
+                    epoch: epoch.clone(),
+                },
+            );
             let size = u64::try_from(retention.size).unwrap_or(u64::MAX).max(1);
             if offset % (size / 10).max(1) == 0 {
                 // The stream follows behind the retention; a failure here loses nothing.
@@ -478,6 +522,28 @@ impl NatsHistory {
             return Ok(Position { offset, epoch });
         }
         Err(UNREACHABLE.into())
+    }
+
+    fn heads(&self) -> std::sync::MutexGuard<'_, HashMap<String, Head>> {
+        self.heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn remembered_head(&self, prefix: &str) -> Option<Head> {
+        self.heads().get(prefix).cloned()
+    }
+
+    fn remember_head(&self, prefix: &str, head: Head) {
+        let mut heads = self.heads();
+        if heads.len() >= MAX_HEADS && !heads.contains_key(prefix) {
+            heads.clear();
+        }
+        heads.insert(prefix.to_owned(), head);
+    }
+
+    fn forget_head(&self, prefix: &str) {
+        self.heads().remove(prefix);
     }
 
     /// What an idempotency key's subject says now.

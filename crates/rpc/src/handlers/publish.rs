@@ -10,8 +10,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::channel::channel_result;
+use std::sync::Arc;
+
 use crate::{
-    Access, Context, Delivery, Method, Params, Published, Reply, RpcError, validate_channel,
+    Access, Context, Delivery, Method, Params, Published, Reply, RpcError, Verdict,
+    validate_channel,
 };
 
 pub struct Publish;
@@ -69,25 +72,49 @@ impl Method for Publish {
 
     fn call<'p>(&self, cx: &Context<'_>, params: &Self::Params<'p>) -> Result<Reply<'p>, RpcError> {
         let channel = params.channel.as_ref();
-        match cx
-            .node()
-            .publish(channel, params.data, params.idempotency_key.as_deref())
+        if let Some(backend) = &cx.services.backend
+            && backend.decides_publish()
+            && !cx.caller.is_api()
         {
+            let verdict = backend.publish(cx.caller, channel, params.data);
+            let node = Arc::clone(&cx.services.node);
+            let channel = channel.to_owned();
+            let data = params.data.to_owned();
+            let key = params.idempotency_key.as_deref().map(str::to_owned);
+            return Ok(Reply::later(async move {
+                let data = match verdict.await? {
+                    Verdict::Allow(rewritten) => rewritten.unwrap_or(data),
+                    Verdict::Refuse(reason) => {
+                        return Err(RpcError::proxy_refused(&channel, &reason));
+                    }
+                };
+                let published = node.publish(&channel, &data, key.as_deref());
+                answer(channel, published).await
+            }));
+        }
+        let published = cx
+            .node()
+            .publish(channel, params.data, params.idempotency_key.as_deref());
+        match published {
             Published::Now(Delivery::Cluster) => Ok(channel_result(channel)),
             Published::Now(Delivery::LocalOnly) => Err(RpcError::delivered_locally()),
-            Published::Later(position) => {
-                let channel = channel.to_owned();
-                Ok(Reply::later(async move {
-                    Ok(Reply::Json(match position.await? {
-                        Some(position) => serde_json::json!({
-                            "channel": channel,
-                            "offset": position.offset,
-                            "epoch": position.epoch,
-                        }),
-                        None => serde_json::json!({ "channel": channel }),
-                    }))
-                }))
-            }
+            later @ Published::Later(_) => Ok(Reply::later(answer(channel.to_owned(), later))),
         }
+    }
+}
+
+/// The reply to a publish that was decided before it was made.
+async fn answer(channel: String, published: Published) -> Result<Reply<'static>, RpcError> {
+    match published {
+        Published::Now(Delivery::Cluster) => Ok(channel_result(&channel)),
+        Published::Now(Delivery::LocalOnly) => Err(RpcError::delivered_locally()),
+        Published::Later(position) => Ok(Reply::Json(match position.await? {
+            Some(position) => serde_json::json!({
+                "channel": channel,
+                "offset": position.offset,
+                "epoch": position.epoch,
+            }),
+            None => serde_json::json!({ "channel": channel }),
+        })),
     }
 }

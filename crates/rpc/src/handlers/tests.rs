@@ -126,6 +126,7 @@ impl Setup {
             node: node.clone(),
             gate: Arc::new(Gate::new(gate)),
             observer: Arc::new(NoObserver),
+            backend: None,
         });
         Self {
             node,

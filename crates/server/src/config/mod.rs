@@ -3,7 +3,7 @@
 //!
 //! One typed part per concern, each read (with envy) and validated in its own module:
 //! [`TransportConfig`], [`LimitsConfig`], [`GateSettings`], [`ClusterConfig`],
-//! [`UsersConfig`], [`HistoryConfig`], [`LogConfig`]. A `WS_`
+//! [`UsersConfig`], [`HistoryConfig`], [`ProxyConfig`], [`LogConfig`]. A `WS_`
 //! variable that no part knows is refused, and so is a set of values that do not fit
 //! together.
 
@@ -12,6 +12,7 @@ mod gate;
 mod history;
 mod limits;
 mod log;
+mod proxy;
 mod transport;
 mod users;
 mod values;
@@ -23,6 +24,7 @@ pub use gate::GateSettings;
 pub use history::HistoryConfig;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
+pub use proxy::ProxyConfig;
 pub use transport::{AllowedOrigins, TransportConfig};
 pub use users::{UsersConfig, WebhookSettings};
 pub use values::parse_duration;
@@ -36,6 +38,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub users: UsersConfig,
     pub history: HistoryConfig,
+    pub proxy: ProxyConfig,
     pub log: LogConfig,
 }
 
@@ -72,6 +75,7 @@ impl Config {
         let cluster = ClusterConfig::load(&vars)?;
         let users = UsersConfig::load(&vars)?;
         let history = HistoryConfig::load(&vars)?;
+        let proxy = ProxyConfig::load(&vars)?;
         let log = LogConfig::load(&vars)?;
         let config = Self {
             transport,
@@ -80,6 +84,7 @@ impl Config {
             cluster,
             users,
             history,
+            proxy,
             log,
         };
         config.check_consistency()?;
@@ -88,6 +93,15 @@ impl Config {
 
     /// Rules that span parts.
     fn check_consistency(&self) -> Result<(), ConfigError> {
+        if self.proxy.connect_url.is_some() && self.gate.auth_enabled {
+            return Err(ConfigError {
+                variable: "WS_PROXY_CONNECT_URL".into(),
+                value: "set".into(),
+                expected:
+                    "WS_AUTH_ENABLED unset or false: the connect proxy's backend decides identity"
+                        .into(),
+            });
+        }
         // A notification carries the data plus its envelope: method, channel name.
         const FRAMING: usize = 512;
         let publish = self.limits.gate.max_publish_size;
@@ -114,6 +128,7 @@ fn known_variables() -> Vec<String> {
         values::fields::<cluster::Raw>(),
         values::fields::<users::Raw>(),
         values::fields::<history::Raw>(),
+        values::fields::<proxy::Raw>(),
         values::fields::<log::Raw>(),
     ]
     .concat()
@@ -239,6 +254,13 @@ mod tests {
             ("WS_TRUSTED_PROXIES", "10.0.0.0/33"),
             ("WS_MAX_PENDING_CALLS", "0"),
             ("WS_BACKBONE_QUEUE", "0"),
+            ("WS_PROXY_RPC_URL", "ftp://app/rpc"),
+            ("WS_PROXY_CONNECT_URL", "not a url"),
+            ("WS_PROXY_TIMEOUT", "0s"),
+            ("WS_PROXY_MAX_INFLIGHT", "0"),
+            ("WS_PROXY_HEADERS", "bad header"),
+            ("WS_PROXY_BREAKER_FAILURES", "many"),
+            ("WS_PROXY_BREAKER_COOLDOWN", "forever"),
         ] {
             let err = config(&[(variable, value)]).expect_err(variable);
             assert_eq!(err.variable, variable);
@@ -269,6 +291,13 @@ mod tests {
         let err = config(&[("WS_PING_INTERVAL", "30s"), ("WS_PONG_TIMEOUT", "30s")])
             .expect_err("pong equal to ping");
         assert_eq!(err.variable, "WS_PONG_TIMEOUT");
+        let err = config(&[
+            ("WS_PROXY_CONNECT_URL", "http://app/connect"),
+            ("WS_AUTH_ENABLED", "true"),
+            ("WS_BEARER_TOKENS", "a-static-token"),
+        ])
+        .expect_err("two deciders of identity");
+        assert_eq!(err.variable, "WS_PROXY_CONNECT_URL");
         let err = config(&[("WS_SEND_BUFFER", "64KiB")]).expect_err("below 2 x publish");
         assert_eq!(err.variable, "WS_SEND_BUFFER");
         assert!(err.to_string().contains("WS_MAX_PUBLISH_SIZE"), "{err}");

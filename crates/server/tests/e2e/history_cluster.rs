@@ -70,9 +70,14 @@ async fn a_store_restarted_empty_starts_a_new_epoch(kind: Kind, mut backbone: Se
     backbone.stop();
     backbone.lose_storage();
     backbone.restart();
+    // Retried with one idempotency key: an attempt that failed here may still have
+    // reached the store as it came back, and must not count twice.
     let after = loop {
         let reply = publisher
-            .call("publish", json!({"channel": "hist:fragile", "data": "new"}))
+            .call(
+                "publish",
+                json!({"channel": "hist:fragile", "data": "new", "idempotency_key": "new-1"}),
+            )
             .await;
         if reply.get("error").is_none() {
             break reply["result"].clone();

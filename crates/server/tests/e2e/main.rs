@@ -12,6 +12,7 @@ mod cluster_backbone;
 
 mod cluster_local;
 mod delivery;
+mod entity_sync;
 mod history;
 mod history_cluster;
 mod hostile;
@@ -19,6 +20,7 @@ mod jsonrpc_spec;
 mod limits;
 mod ops;
 mod process;
+mod proxy;
 mod sse;
 mod transport;
 mod users;

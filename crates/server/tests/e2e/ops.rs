@@ -185,7 +185,7 @@ fn the_shipped_configs_pass_their_own_tools_and_agree() {
         &["check", "rules", "deploy/prometheus/alerts.yml"],
         "promtool check rules",
     );
-    assert!(rules.contains("SUCCESS: 11 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 12 rules found"), "{rules}");
 
     let mut manifests = vec!["--strict".to_owned(), "-k".into(), "1.30.0".into()];
     for entry in std::fs::read_dir(root().join("deploy/kubernetes")).expect("manifests") {
@@ -374,7 +374,7 @@ async fn prometheus_scrapes_every_replica_and_the_dashboard_matches_the_metrics(
     let loaded = rules["data"]["groups"][0]["rules"]
         .as_array()
         .map_or(0, Vec::len);
-    assert_eq!(loaded, 11, "the shipped alert rules load");
+    assert_eq!(loaded, 12, "the shipped alert rules load");
 }
 
 /// One client's life through nginx, as the test's fleet records it.

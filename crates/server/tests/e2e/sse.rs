@@ -498,3 +498,56 @@ async fn a_quiet_stream_gets_a_keepalive_comment_every_ping_interval() {
     }
     server.shutdown().await;
 }
+
+/// The connect proxy decides who a stream is, and the subscribe proxy its channels,
+/// before the stream starts (section 13).
+#[tokio::test]
+async fn the_backend_proxy_decides_a_stream_before_it_starts() {
+    use std::sync::Arc;
+    let (backend, _seen) = crate::proxy::backend(Arc::new(|seen: &crate::proxy::Seen| {
+        let answer = match (seen.path.as_str(), seen.body["token"].as_str()) {
+            ("/connect", Some("ann-token")) => json!({"user": "ann", "channels": ["doc:*"]}),
+            ("/connect", _) => json!({"error": {"code": 401, "message": "who are you?"}}),
+            _ if seen.body["channel"] == "doc:1" => json!({"allow": true, "data": {"state": 1}}),
+            _ => json!({"allow": false, "reason": "no access"}),
+        };
+        Box::pin(std::future::ready((200, answer)))
+    }))
+    .await;
+    let server = server(&[
+        ("WS_PROXY_CONNECT_URL", &format!("http://{backend}/connect")),
+        (
+            "WS_PROXY_SUBSCRIBE_URL",
+            &format!("http://{backend}/subscribe"),
+        ),
+    ])
+    .await;
+    let addr = server.local_addr;
+
+    let stranger = Stream::open(addr, "/events?channel=doc:1&token=nobody", &[]).await;
+    assert_eq!(stranger.status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stranger.body).expect("JSON"),
+        json!({"error": "who are you?"})
+    );
+    let refused = Stream::open(addr, "/events?channel=doc:secret&token=ann-token", &[]).await;
+    assert_eq!(refused.status, 403);
+    let body: Value = serde_json::from_str(&refused.body).expect("JSON");
+    assert_eq!(body["reason"], "no access", "{body}");
+
+    let mut stream = Stream::open(addr, "/events?channel=doc:1&token=ann-token", &[]).await;
+    assert_eq!(stream.status, 200, "{}", stream.body);
+    let greeting = stream.next().await.expect("greeting").json();
+    assert_eq!(greeting["params"]["user"], "ann");
+    assert_eq!(
+        stream.next().await.expect("subscribed").event,
+        "sys.subscribed"
+    );
+    let first = stream.next().await.expect("the backend's data");
+    assert_eq!(first.event, "message");
+    assert_eq!(
+        first.json()["params"],
+        json!({"channel": "doc:1", "data": {"state": 1}})
+    );
+    server.shutdown().await;
+}

@@ -62,7 +62,18 @@ impl Client {
     }
 
     pub async fn connect_url(url: &str) -> Self {
-        let (socket, _) = tokio::time::timeout(PATIENCE, connect_async(url))
+        Self::connect_with(url, &[]).await
+    }
+
+    /// Connects with extra headers on the upgrade request.
+    pub async fn connect_with(url: &str, headers: &[(&'static str, &str)]) -> Self {
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, value.parse().expect("a header value"));
+        }
+        let (socket, _) = tokio::time::timeout(PATIENCE, connect_async(request))
             .await
             .expect("connect in time")
             .expect("connects");
