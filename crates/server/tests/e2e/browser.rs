@@ -636,3 +636,147 @@ async fn the_library_event_stream_comes_back_with_a_fresh_token_where_it_stopped
     browser.eval("stream.close(); true").await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_needs_a_token_and_is_reached_by_send_and_closed_by_kick() {
+    let server = server(&vars(&[
+        ("WS_AUTH_ENABLED", "true"),
+        ("WS_JWT_SECRET", SECRET),
+    ]))
+    .await;
+    let addr = server.local_addr;
+    let token = crate::users::token("gil", Some("browser"));
+    let mut browser = Browser::launch().await;
+    browser.goto(&format!("http://{addr}/health")).await;
+    // Without a token: 401, and EventSource gives up (CLOSED) instead of retrying.
+    let status = browser
+        .eval("fetch('/events?channel=a').then((r) => r.status)")
+        .await;
+    assert_eq!(status, json!(401));
+    browser
+        .eval(
+            "window.anon = new EventSource('/events?channel=a'); \
+             anon.onerror = () => { window.anonState = anon.readyState; }; true",
+        )
+        .await;
+    browser
+        .wait_for(
+            "window.anonState === EventSource.CLOSED",
+            "EventSource to give up",
+        )
+        .await;
+
+    browser
+        .eval(&format!(
+            "window.log = []; window.source = new EventSource('/events?channel=a&token={token}'); \
+             for (const name of ['sys.subscribed', 'message.user', 'sys.kick']) \
+               source.addEventListener(name, (e) => log.push({{event: e.type, msg: JSON.parse(e.data)}})); \
+             source.onerror = () => log.push({{event: 'error', state: source.readyState}}); true"
+        ))
+        .await;
+    browser
+        .wait_for(
+            "log.some((e) => e.event === 'sys.subscribed')",
+            "the stream",
+        )
+        .await;
+    let sent = api(
+        addr,
+        "send",
+        json!({"users": ["gil"], "data": {"hello": "gil"}}),
+    )
+    .await;
+    assert_eq!(sent["devices"], 1);
+    browser
+        .wait_for("log.some((e) => e.event === 'message.user')", "the send")
+        .await;
+    let kicked = api(addr, "kick", json!({"users": ["gil"], "reason": "bye"})).await;
+    assert_eq!(kicked["kicked"], 1);
+    browser
+        .wait_for(
+            "log.some((e) => e.event === 'sys.kick') && log.some((e) => e.event === 'error')",
+            "the kick to end the stream",
+        )
+        .await;
+    browser.eval("source.close(); true").await;
+    let log = browser.eval("log").await;
+    let log = log.as_array().expect("log");
+    let note = log
+        .iter()
+        .find(|e| e["event"] == "message.user")
+        .expect("sent");
+    assert_eq!(note["msg"]["params"], json!({"hello": "gil"}));
+    let kick = log.iter().find(|e| e["event"] == "sys.kick").expect("kick");
+    assert_eq!(kick["msg"]["params"]["reason"], "bye");
+    let kick_at = log.iter().position(|e| e["event"] == "sys.kick");
+    let end_at = log.iter().position(|e| e["event"] == "error");
+    assert!(kick_at < end_at, "the notice, then the end: {log:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_tells_the_application_what_it_could_not_recover() {
+    let mut small = vec![
+        ("WS_NAMESPACES", r#"{"h": {"history_size": 2}}"#),
+        ("WS_API_KEY", API_KEY),
+    ];
+    small.extend(UNLIMITED_PUBLISHING);
+    let server = server(&small).await;
+    let addr = server.local_addr;
+    let mut browser = Browser::launch().await;
+    browser.goto(&format!("http://{addr}/health")).await;
+    browser.load_library().await;
+    browser
+        .eval(
+            "window.got = []; window.gaps = []; window.nodes = []; \
+             window.chorus = new Chorus.Client({ url: '/ws', reconnectOnKick: true, \
+               minReconnectDelay: 1500 }); \
+             chorus.on('connected', (info) => nodes.push(info.client_id)); \
+             chorus.on('message', (m) => got.push(m.data.n)); \
+             chorus.on('gap', (g) => gaps.push(g)); \
+             chorus.subscribe('h:small').then(() => true)",
+        )
+        .await;
+    api(
+        addr,
+        "publish",
+        json!({"channel": "h:small", "data": {"n": 1}}),
+    )
+    .await;
+    browser
+        .wait_for("got.length === 1", "the first publication")
+        .await;
+    let client_id = browser.eval("nodes[0]").await;
+    api(addr, "kick", json!({"clients": [client_id]})).await;
+    // Five while away: the channel keeps two, so offsets 2 to 4 cannot come back.
+    for n in 2..=6 {
+        api(
+            addr,
+            "publish",
+            json!({"channel": "h:small", "data": {"n": n}}),
+        )
+        .await;
+    }
+    browser
+        .wait_for(
+            "nodes.length === 2 && gaps.length === 1",
+            "the reconnect and the gap",
+        )
+        .await;
+    let gap = browser.eval("gaps[0]").await;
+    assert_eq!(gap["channel"], "h:small");
+    assert_eq!(gap["recovered"], false, "{gap}");
+    assert_eq!(gap["from_offset"], 2, "{gap}");
+    assert_eq!(gap["to_offset"], 6, "{gap}");
+    api(
+        addr,
+        "publish",
+        json!({"channel": "h:small", "data": {"n": 7}}),
+    )
+    .await;
+    browser
+        .wait_for("got.includes(7)", "live delivery after the gap")
+        .await;
+    assert_eq!(browser.eval("got").await, json!([1, 7]), "nothing guessed");
+    server.shutdown().await;
+}
