@@ -5,7 +5,8 @@
 //! publisher, many subscribers), `rpc` (pipelined `self.reply`), `cluster`
 //! (fan-out across replicas), `presence` (a large presence channel: reads, walks,
 //! store memory, join rate) and `send` (`POST /api` `send` to single users, against
-//! `publish` to per-user channels). Only loopback targets are accepted, and every
+//! `publish` to per-user channels) and `sse` (Server-Sent Events against WebSocket:
+//! memory per idle subscriber and fan-out, same run). Only loopback targets are accepted, and every
 //! loop is bounded in count and time.
 
 pub mod backend;
@@ -20,6 +21,7 @@ pub mod replicas;
 pub mod report;
 pub mod rpc;
 pub mod send;
+pub mod sse;
 pub mod stats;
 pub mod store;
 

@@ -10,6 +10,7 @@ use chorus_bench::replicas::{self, ReplicaOpts};
 use chorus_bench::report::{self, Report};
 use chorus_bench::rpc::{self, RpcOpts};
 use chorus_bench::send::{self, SendOpts};
+use chorus_bench::sse::{self, SseOpts};
 use chorus_bench::store::Probe;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +20,7 @@ const USAGE: &str = "\
 chorus-bench: load generator for the Chorus JSON-RPC WebSocket server
 
 USAGE:
-  chorus-bench <idle|fanout|rpc|cluster|presence|send|recover> [OPTIONS]
+  chorus-bench <idle|fanout|rpc|cluster|presence|send|recover|sse> [OPTIONS]
   chorus-bench backend [--listen ADDR]   (a trivial backend for the rpc proxy)
   chorus-bench report [--baseline LABEL] FILE_OR_DIR...   (Markdown from --json results)
 
@@ -94,6 +95,13 @@ recover do too, without auth and with the publish budgets lifted (WS_PUBLISH_RAT
 and the three others); recover sets WS_NAMESPACES='{<namespace>: {history_size:
 1000}}'. --env NAME=VALUE (repeat) adds to (or overrides) the replicas' environment.
 --jwt-grant PATTERN (repeat): more channel patterns in every minted token.
+sse:      Server-Sent Events against WebSocket in the same run: each of --rounds K (3)
+          starts a fresh chorus (--server-bin) per transport, opens --subs N (10000)
+          subscribers of one channel (WebSocket subscribe, or GET /events?channel=),
+          reads the server's RSS growth per connection after --hold S (2), then
+          publishes --messages M (100) at --rate PER_S (0 = flat out) with --payload
+          BYTES (64) and measures deliveries/s and latency; medians and SSE/WS ratios.
+          Keep --subs under the open-file limit (one process holds every subscriber).
 ";
 
 #[derive(Debug, Default)]
@@ -487,6 +495,34 @@ async fn run(a: &Args, c: &Common) -> Result<Report, String> {
                 return Err("send needs tokens: --jwt-secret (the servers' WS_JWT_SECRET)".into());
             }
             Ok(send::run(c, &o).await)
+        }
+        "sse" => {
+            let mut o = SseOpts {
+                server_bin: a.server_bin.clone(),
+                ..SseOpts::default()
+            };
+            if let Some(n) = a.subs {
+                o.subs = n.max(1);
+            }
+            if let Some(m) = a.messages {
+                o.messages = m;
+            }
+            if let Some(r) = a.rate {
+                o.rate = r.max(0.0);
+            }
+            if let Some(p) = a.payload {
+                o.payload = p;
+            }
+            if let Some(n) = a.rounds {
+                o.rounds = n.max(1);
+            }
+            if let Some(h) = a.hold {
+                o.hold = secs(h)?;
+            }
+            if let Some(d) = a.drain {
+                o.drain = secs(d)?;
+            }
+            Ok(sse::run(c, &o).await)
         }
         "recover" => {
             let mut o = RecoverOpts::default();

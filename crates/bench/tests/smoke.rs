@@ -1,7 +1,8 @@
 //! Smoke test of the load generator: every scenario but `idle` with tiny numbers
-//! against a minimal in-test server that speaks the Chorus wire format
-//! (sys.connected, self.reply, subscribe, publish, presence, presence_stats; users
-//! from HS256 tokens; `POST /api` with send, publish and info).
+//! (`sse` against the built `chorus`, which it starts itself; the others against a
+//! minimal in-test server that speaks the Chorus wire format: sys.connected,
+//! self.reply, subscribe, publish, presence, presence_stats; users from HS256 tokens;
+//! `POST /api` with send, publish and info).
 //!
 //! Set `CHORUS_BENCH_URL=ws://127.0.0.1:PORT/ws` to run `rpc` and `fanout` against a
 //! running Chorus server as well.
@@ -395,4 +396,49 @@ async fn rpc_and_fanout_against_chorus_when_configured() {
     };
     check_rpc(&url).await;
     check_fanout(&url).await;
+}
+
+/// `sse` starts real `chorus` servers: the one the workspace build put beside this
+/// test's directory (`target/<profile>/chorus`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_against_websocket_on_the_built_chorus() {
+    let exe = std::env::current_exe().expect("test path");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join("chorus"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace (cargo build --workspace --all-targets)",
+        bin.display()
+    );
+    let o = chorus_bench::sse::SseOpts {
+        subs: 20,
+        messages: 5,
+        rounds: 1,
+        hold: Duration::from_millis(200),
+        drain: Duration::from_secs(2),
+        server_bin: Some(bin),
+        ..chorus_bench::sse::SseOpts::default()
+    };
+    let r = chorus_bench::sse::run(&common("ws://127.0.0.1:1/ws"), &o).await;
+    assert!(r.errors.is_empty(), "{}", r.to_table());
+    assert_eq!(r.get("subscribers"), Some(20.0), "{}", r.to_table());
+    for transport in ["ws", "sse"] {
+        assert_eq!(
+            r.get(&format!("{transport}_lost")),
+            Some(0.0),
+            "{}",
+            r.to_table()
+        );
+        // RSS grows by pages: 20 connections may not show; the figure must be there.
+        assert!(r.get(&format!("{transport}_bytes_per_conn")).is_some());
+        assert!(
+            r.get(&format!("{transport}_deliveries_per_s"))
+                .unwrap_or(0.0)
+                > 0.0
+        );
+    }
+    assert!(r.get("sse_ws_memory_ratio").is_some());
 }

@@ -34,7 +34,7 @@ pub use jwks::{FetchKeys, Jwks};
 pub use limits::{Limits, Rate, RequestRate};
 pub use namespaces::{DeliveryPolicy, NamespaceOptions, Namespaces};
 pub use refusal::{Refusal, Scope};
-pub use token::{TokenClaims, bearer_token, mint_hs256, query_params, query_token};
+pub use token::{TokenClaims, bearer_token, mint_hs256, query_params, query_token, query_values};
 
 /// Everything the gate is told at start-up.
 #[derive(Clone, Debug)]

@@ -24,6 +24,16 @@ pub fn query_token(query: &str) -> Option<String> {
         .filter(|token| !token.is_empty())
 }
 
+/// Every value of parameter `name` in a query string, percent-decoded, in order.
+pub fn query_values(query: &str, name: &str) -> Vec<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| percent_decode(value))
+        .collect()
+}
+
 /// Every parameter of a query string but `token`, percent-decoded (for the connect
 /// proxy, which receives the token on its own).
 pub fn query_params(query: &str) -> Vec<(String, String)> {

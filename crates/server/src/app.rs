@@ -490,8 +490,12 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         let _ = stream.set_nodelay(true);
         let app = Arc::clone(&app);
         tokio::spawn(async move {
-            let service =
-                service_fn(move |request| crate::http::route(Arc::clone(&app), peer, request));
+            // An event stream whose socket stopped taking writes drops it through this.
+            let abort = Arc::new(crate::sse::Abort::default());
+            let handle = Arc::clone(&abort);
+            let service = service_fn(move |request| {
+                crate::http::route(Arc::clone(&app), peer, request, Arc::clone(&handle))
+            });
             // The timer bounds how long a request's head may take to arrive, idle
             // keep-alive included: a socket that sends nothing is closed.
             let served = http1::Builder::new()
@@ -499,10 +503,14 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(handshake_timeout)
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            if let Err(err) = served {
-                tracing::debug!(%err, "http connection ended with an error");
+                .with_upgrades();
+            tokio::select! {
+                served = served => {
+                    if let Err(err) = served {
+                        tracing::debug!(%err, "http connection ended with an error");
+                    }
+                }
+                () = abort.requested() => {}
             }
         });
     }

@@ -17,6 +17,7 @@ pub mod node;
 pub mod presence;
 pub mod proxy;
 mod session;
+mod sse;
 pub mod webhook;
 
 pub use app::{RunningServer, StartError, start, start_with_bus};

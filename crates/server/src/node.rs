@@ -335,7 +335,7 @@ impl ClusterNode {
     }
 
     /// The overflow policy of `channel`'s namespace, for its frames.
-    fn overflow(&self, channel: &str) -> Overflow {
+    pub(crate) fn overflow(&self, channel: &str) -> Overflow {
         match self.namespaces.of(channel).delivery {
             DeliveryPolicy::Disconnect => Overflow::Disconnect,
             DeliveryPolicy::DropOldest => Overflow::DropOldest,

@@ -1,6 +1,7 @@
 //! A connected client, whatever carries its frames: its hub registration, its outbox,
 //! its share of the limits, and its calls that answer later. A transport (the
-//! WebSocket connection) feeds it text and writes what its outbox yields.
+//! WebSocket connection, or a Server-Sent Events stream) feeds it text and writes
+//! what its outbox yields.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -138,6 +139,24 @@ impl Session {
             Handled::Flooding => return Err(SessionEnd::Flooding),
         }
         Ok(())
+    }
+
+    /// Runs a request on the transport's behalf (SSE subscribes from the URL): its
+    /// answer comes back to the transport instead of into the outbox.
+    pub fn call(&self, text: &str) -> LaterMessage {
+        let cx = chorus_rpc::Context {
+            services: &self.app.services,
+            caller: &self.caller,
+        };
+        let answer = |text| chorus_rpc::Answer {
+            text,
+            effects: Vec::new(),
+        };
+        match self.app.router.handle(text, &cx) {
+            Handled::Later { reply, .. } => reply,
+            Handled::Now(reply) => Box::pin(std::future::ready(answer(Some(reply)))),
+            Handled::Nothing | Handled::Flooding => Box::pin(std::future::ready(answer(None))),
+        }
     }
 
     /// Whether the transport should read more: not while the client has as many

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::values::{error, parse_count, parse_duration, parse_or, parse_size};
+use super::values::{error, parse_bool, parse_count, parse_duration, parse_or, parse_size};
 use super::{ConfigError, Vars, read};
 
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +26,7 @@ pub(super) struct Raw {
     max_connections: Option<String>,
     max_pending_calls: Option<String>,
     shutdown_grace: Option<String>,
+    demo: Option<String>,
 }
 
 /// Who may open a WebSocket, by `Origin` header.
@@ -69,9 +70,18 @@ pub struct TransportConfig {
     /// Deferred calls one connection may have pending before it stops reading.
     pub max_pending_calls: usize,
     pub shutdown_grace: Duration,
+    /// Serve the demo page at `/` (`WS_DEMO`).
+    pub demo: bool,
 }
 
-const RESERVED_PATHS: [&str; 3] = ["/health", "/ready", "/metrics"];
+const RESERVED_PATHS: [&str; 6] = [
+    "/health",
+    "/ready",
+    "/metrics",
+    "/events",
+    "/chorus.js",
+    "/",
+];
 const SIZE: &str = "a size such as 65536, 64KiB or 1MiB";
 
 impl TransportConfig {
@@ -102,7 +112,7 @@ impl TransportConfig {
             return Err(error(
                 "WS_PATH",
                 &ws_path,
-                "a path distinct from /health, /ready, /metrics and WS_ECHO_PATH",
+                "a path distinct from /, /health, /ready, /metrics, /events, /chorus.js and WS_ECHO_PATH",
             ));
         }
         if let Some(echo) = echo_path
@@ -112,7 +122,7 @@ impl TransportConfig {
             return Err(error(
                 "WS_ECHO_PATH",
                 echo,
-                "a path distinct from /health, /ready and /metrics",
+                "a path distinct from /, /health, /ready, /metrics, /events and /chorus.js",
             ));
         }
         let max_message_size = parse_or(
@@ -173,6 +183,7 @@ impl TransportConfig {
             "a duration such as 10s",
             parse_duration,
         )?;
+        let demo = parse_or("WS_DEMO", raw.demo, true, "true or false", parse_bool)?;
         Ok(Self {
             host,
             port,
@@ -188,6 +199,7 @@ impl TransportConfig {
             max_connections,
             max_pending_calls,
             shutdown_grace,
+            demo,
         })
     }
 }

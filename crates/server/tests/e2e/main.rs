@@ -7,6 +7,7 @@ mod support;
 mod backbone;
 
 mod auth;
+mod browser;
 mod cluster_backbone;
 
 mod cluster_local;
@@ -20,6 +21,7 @@ mod limits;
 mod ops;
 mod process;
 mod proxy;
+mod sse;
 mod transport;
 mod users;
 mod users_cluster;

@@ -27,7 +27,7 @@ fn root() -> PathBuf {
 }
 
 /// A tool `scripts/test` installs; the test fails with that hint when it is missing.
-fn tool(name: &str) -> PathBuf {
+pub fn tool(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin"].map(PathBuf::from))
@@ -61,14 +61,14 @@ fn run_ok(program: &Path, args: &[&str], what: &str) -> String {
     text
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("a free port")
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
+pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "chorus-{name}-{}-{}",
         std::process::id(),
@@ -79,14 +79,14 @@ fn scratch_dir(name: &str) -> PathBuf {
 }
 
 /// nginx with the shipped configuration, rendered by `scripts/cluster nginx-config`.
-struct Nginx {
+pub struct Nginx {
     _child: Child,
-    port: u16,
+    pub port: u16,
     tls_port: u16,
 }
 
 impl Nginx {
-    async fn start(replicas: &[SocketAddr]) -> Self {
+    pub async fn start(replicas: &[SocketAddr]) -> Self {
         let dir = scratch_dir("nginx");
         let (port, tls_port) = (free_port(), free_port());
         let mut render = std::process::Command::new(root().join("scripts/cluster"));
@@ -134,10 +134,20 @@ impl Nginx {
     }
 }
 
-async fn replica(redis: &Server, port: u16, name: &str) -> ServerProcess {
+pub async fn replica(redis: &Server, port: u16, name: &str) -> ServerProcess {
+    replica_with(redis, port, name, &[]).await
+}
+
+/// [`replica`] with more settings.
+pub async fn replica_with(
+    redis: &Server,
+    port: u16,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> ServerProcess {
     let url = redis.url();
     let port = port.to_string();
-    let vars = [
+    let mut vars = vec![
         ("WS_PORT", port.as_str()),
         ("WS_NODE_ID", name),
         ("WS_PUBSUB_ENABLED", "true"),
@@ -147,6 +157,7 @@ async fn replica(redis: &Server, port: u16, name: &str) -> ServerProcess {
         ("WS_TRUSTED_PROXIES", "127.0.0.1"),
         ("WS_SHUTDOWN_GRACE", "3s"),
     ];
+    vars.extend_from_slice(extra);
     let server = ServerProcess::spawn(&vars).await;
     let addr = server.addr;
     eventually("the replica to be ready", || async move {

@@ -76,8 +76,11 @@ async fn past_max_connections_gets_503_until_one_leaves() {
 async fn other_paths_are_404_and_the_path_is_configurable() {
     let server = server(&[("WS_PATH", "/rpc")]).await;
     let addr = server.local_addr;
-    assert_eq!(http_get(addr, "/").await.0, 404);
+    assert_eq!(http_get(addr, "/nothing").await.0, 404);
     assert_eq!(http_get(addr, "/ws").await.0, 404);
+    // `/` is the demo page (WS_DEMO), `/chorus.js` the browser library.
+    assert_eq!(http_get(addr, "/").await.0, 200);
+    assert_eq!(http_get(addr, "/chorus.js").await.0, 200);
     assert_eq!(
         http_get(addr, "/echo").await.0,
         404,

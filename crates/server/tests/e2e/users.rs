@@ -43,7 +43,7 @@ pub fn token(user: &str, device: Option<&str>) -> String {
     token_with(user, device, None)
 }
 
-fn token_with(user: &str, device: Option<&str>, channels: Option<Vec<String>>) -> String {
+pub fn token_with(user: &str, device: Option<&str>, channels: Option<Vec<String>>) -> String {
     mint_hs256(
         SECRET.as_bytes(),
         &TokenClaims {
