@@ -666,15 +666,10 @@ impl NatsHistory {
     }
 
     /// The oldest offset `retention` still keeps of a channel whose newest entry is
-    /// `head`, and the entry there (`None` when none is kept). What is kept is a
+    /// `head` (`head.offset + 1` when none is). What is kept is a
     /// suffix of the offsets (purges take the oldest, and times grow with offsets), so
     /// a binary search finds its start.
-    async fn oldest(
-        &self,
-        prefix: &str,
-        head: &Entry,
-        retention: Retention,
-    ) -> Result<(u64, Option<Entry>), Fail> {
+    async fn oldest(&self, prefix: &str, head: &Entry, retention: Retention) -> Result<u64, Fail> {
         let size = u64::try_from(retention.size).unwrap_or(u64::MAX);
         let cutoff = retention
             .ttl
@@ -682,13 +677,13 @@ impl NatsHistory {
         let kept = |entry: &Entry| cutoff.is_none_or(|cutoff| entry.time_ms > cutoff);
         let top = head.offset;
         if top == 0 || !kept(head) {
-            return Ok((top + 1, None));
+            return Ok(top + 1);
         }
         let mut low = top.saturating_sub(size).saturating_add(1).max(1);
         if let Some(entry) = self.at(prefix, low).await?
             && kept(&entry)
         {
-            return Ok((low, Some(entry)));
+            return Ok(low);
         }
         // `low` is not kept, `high` is.
         let mut high = top;
@@ -703,28 +698,22 @@ impl NatsHistory {
                 _ => low = middle,
             }
         }
-        let entry = match found {
-            Some(entry) => entry,
-            None if high == top => Entry {
-                seq: head.seq,
-                offset: head.offset,
-                epoch: head.epoch.clone(),
-                time_ms: head.time_ms,
-                data: head.data.clone(),
-            },
+        let seq = match found {
+            Some(entry) => entry.seq,
+            None if high == top => head.seq,
             None => match self.at(prefix, high).await? {
-                Some(entry) => entry,
-                None => return Ok((top + 1, None)),
+                Some(entry) => entry.seq,
+                None => return Ok(top + 1),
             },
         };
         if cutoff.is_some() {
             // Expired ones go from the stream too; the kept ones (and the head) stay.
             let _ = self
                 .link
-                .purge(&self.stream, &format!("{prefix}*"), Purge::Below(entry.seq))
+                .purge(&self.stream, &format!("{prefix}*"), Purge::Below(seq))
                 .await;
         }
-        Ok((high, Some(entry)))
+        Ok(high)
     }
 
     async fn read_page(
@@ -743,7 +732,7 @@ impl NatsHistory {
             });
         };
         let top = head.offset;
-        let (oldest, first) = self.oldest(&prefix, &head, retention).await?;
+        let oldest = self.oldest(&prefix, &head, retention).await?;
         let limit = u64::try_from(query.limit.min(MAX_READ)).unwrap_or(0);
         let start = query.after.map_or(oldest, |after| oldest.max(after + 1));
         let (from, to) = match (query.after, query.reverse) {
@@ -755,15 +744,7 @@ impl NatsHistory {
         };
         let mut publications = Vec::new();
         if limit > 0 && from <= to {
-            let start_seq = match first {
-                Some(entry) if entry.offset == from => entry.seq,
-                _ => match self.at(&prefix, from).await? {
-                    Some(entry) => entry.seq,
-                    // Purged meanwhile: start with what is left.
-                    None => 0,
-                },
-            };
-            for entry in self.range(&prefix, start_seq, head.seq).await? {
+            for entry in self.range(&prefix, from, to, head.seq).await? {
                 if entry.offset > to {
                     break;
                 }
@@ -801,29 +782,38 @@ impl NatsHistory {
         })
     }
 
-    /// The channel's entries from stream sequence `start` up to `until`, oldest first,
-    /// by batched direct gets.
-    async fn range(&self, prefix: &str, start: u64, until: u64) -> Result<Vec<Entry>, Fail> {
-        let wildcard = format!("{prefix}*");
+    /// The channel's entries `from..=to` as of stream sequence `until`, oldest first,
+    /// by batched direct gets of their subjects (an exact lookup each, where a
+    /// wildcard would scan the channel's subjects once per message).
+    async fn range(
+        &self,
+        prefix: &str,
+        from: u64,
+        to: u64,
+        until: u64,
+    ) -> Result<Vec<Entry>, Fail> {
         let mut entries = Vec::new();
-        let mut next = start;
-        while next <= until {
+        let mut next = from;
+        while next <= to {
+            let subjects: Vec<String> = (next..=to)
+                .map(|offset| format!("{prefix}{offset}"))
+                .collect();
             let batch = self
                 .link
-                .get_batch(&self.stream, &wildcard, next, until, MAX_READ + 1)
+                .get_last_of(&self.stream, &subjects, until)
                 .await?;
-            let Some(last) = batch.last().map(|message| message.sequence) else {
+            if batch.is_empty() {
+                break;
+            }
+            let mut found = Vec::with_capacity(batch.len());
+            for message in batch {
+                found.push(Entry::read(message)?);
+            }
+            found.sort_by_key(|entry| entry.offset);
+            let Some(last) = found.last().map(|entry| entry.offset) else {
                 break;
             };
-            for message in batch {
-                let entry = Entry::read(message)?;
-                if entry.offset > 0 {
-                    entries.push(entry);
-                }
-            }
-            if entries.len() > MAX_READ {
-                break;
-            }
+            entries.extend(found);
             next = last + 1;
         }
         Ok(entries)

@@ -13,8 +13,8 @@
 //!   the connection drops, and they only fail at their timeout;
 //! - JetStream for the stores ([`Link`]): raw API requests (stream info, creation,
 //!   purge), publishing with `Nats-Expected-Last-Subject-Sequence` and reading the
-//!   PubAck, and direct get (the last message of a subject or wildcard, or a batch of
-//!   a wildcard's messages), each error sorted into what a store does about it ([`WriteError`],
+//!   PubAck, and direct get (the last message of a subject or wildcard, or of each of a
+//!   list of subjects in one batch), each error sorted into what a store does about it ([`WriteError`],
 //!   [`ReadError`], [`SetupError`]).
 //!
 //! Names: [`token_for`] writes any text as one subject token, [`name_for`] as part of
@@ -617,17 +617,22 @@ impl Link {
             .map_err(|error| ReadError::Refused(error.to_string()))
     }
 
-    /// Up to `batch` messages of `filter` (a subject or wildcard) from sequence `start`
-    /// to `until`, oldest first, in one batched direct get (NATS 2.11+). The server may
-    /// stop short of `batch` (it bounds a reply's bytes): ask again from after the last.
-    pub(crate) async fn get_batch(
+    /// The last message of each of `subjects` (literal subjects: each is one index
+    /// lookup) up to sequence `until`, oldest first, in one batched direct get
+    /// (NATS 2.11+). The server may stop short (it bounds a reply's bytes): ask again
+    /// for the rest.
+    pub(crate) async fn get_last_of(
         &self,
         stream: &str,
-        filter: &str,
-        start: u64,
+        subjects: &[String],
         until: u64,
-        batch: usize,
     ) -> Result<Vec<StreamMessage>, ReadError> {
+        let batch = subjects.len();
+        let body = serde_json::json!({
+            "multi_last": subjects,
+            "up_to_seq": until,
+            "batch": batch,
+        });
         use futures_util::StreamExt;
         let inbox = self.client.new_inbox();
         let mut replies = self
@@ -635,12 +640,6 @@ impl Link {
             .subscribe(inbox.clone())
             .await
             .map_err(|_| ReadError::Unreachable)?;
-        let body = serde_json::json!({
-            "seq": start.max(1),
-            "next_by_subj": filter,
-            "batch": batch,
-            "up_to_seq": until,
-        });
         self.client
             .publish_with_reply(
                 format!("$JS.API.DIRECT.GET.{stream}"),
