@@ -164,6 +164,37 @@ impl Throttle {
     }
 }
 
+/// Checks `ready` every `tick` until it holds, for at most `timeout`; returns whether
+/// it did. For the `wait_connected` family: the clients announce no state change that
+/// could be awaited instead.
+pub(crate) async fn poll_until(
+    timeout: std::time::Duration,
+    tick: std::time::Duration,
+    ready: impl Fn() -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !ready() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(tick).await;
+    }
+    true
+}
+
+/// Queues `item` for an adapter's own task without waiting: a full queue is
+/// [`PubsubError::Backlogged`], a stopped task [`PubsubError::Stopped`].
+pub(crate) fn enqueue<T>(
+    adapter: &'static str,
+    queue: &tokio::sync::mpsc::Sender<T>,
+    item: T,
+) -> Result<(), PubsubError> {
+    queue.try_send(item).map_err(|error| match error {
+        tokio::sync::mpsc::error::TrySendError::Full(_) => PubsubError::Backlogged(adapter),
+        tokio::sync::mpsc::error::TrySendError::Closed(_) => PubsubError::Stopped(adapter),
+    })
+}
+
 /// A [`Held`] that is already decided.
 pub fn held(answer: bool) -> Held {
     let (tx, rx) = oneshot::channel();

@@ -261,14 +261,7 @@ impl NatsHistory {
 
     /// Waits until the store is connected, for at most `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.is_connected() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(WATCH_TICK).await;
-        }
-        true
+        crate::poll_until(timeout, WATCH_TICK, || self.is_connected()).await
     }
 
     /// The JetStream stream holding the history.

@@ -191,21 +191,7 @@ impl NatsBackbone {
 
     /// Waits until the connection is up, for at most `timeout`; returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.is_connected() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
-    }
-
-    fn enqueue<T>(queue: &mpsc::Sender<T>, item: T) -> Result<(), PubsubError> {
-        queue.try_send(item).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => PubsubError::Backlogged(NAME),
-            mpsc::error::TrySendError::Closed(_) => PubsubError::Stopped(NAME),
-        })
+        crate::poll_until(timeout, Duration::from_millis(10), || self.is_connected()).await
     }
 }
 
@@ -222,7 +208,8 @@ impl Backbone for NatsBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        Self::enqueue(
+        crate::enqueue(
+            NAME,
             &self.publications,
             Outbound::Publish(subject_for(topic), payload),
         )
@@ -230,7 +217,8 @@ impl Backbone for NatsBackbone {
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
         let (held, answer) = oneshot::channel();
-        Self::enqueue(
+        crate::enqueue(
+            NAME,
             &self.subscriptions,
             SubscriptionOp::Subscribe(topic.to_owned(), held),
         )?;
@@ -238,7 +226,8 @@ impl Backbone for NatsBackbone {
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
-        Self::enqueue(
+        crate::enqueue(
+            NAME,
             &self.subscriptions,
             SubscriptionOp::Unsubscribe(topic.to_owned()),
         )

@@ -625,19 +625,12 @@ impl NatsPresence {
     /// Waits until the store is connected, its bucket set up and its mirror loaded,
     /// for at most `timeout`; returns whether it is.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let ready = self.inner.link.connected()
+        crate::poll_until(timeout, WATCH_TICK, || {
+            self.inner.link.connected()
                 && matches!(*self.inner.setup.borrow(), Setup::Ready { .. })
-                && self.inner.progress.borrow().loaded;
-            if ready {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(WATCH_TICK).await;
-        }
+                && self.inner.progress.borrow().loaded
+        })
+        .await
     }
 
     /// The JetStream stream holding the bucket (`KV_<bucket>`).

@@ -253,14 +253,7 @@ impl StoreLink {
 
     /// Waits until the connection is up, for at most `timeout`; returns whether it is.
     pub(crate) async fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.is_connected() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
+        crate::poll_until(timeout, Duration::from_millis(10), || self.is_connected()).await
     }
 
     /// Sends one command, failing at once while disconnected.

@@ -163,21 +163,7 @@ impl RedisBackbone {
 
     /// Waits until both connections are up, for at most `timeout`; returns whether they are.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.is_connected() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
-    }
-
-    fn enqueue<T>(queue: &mpsc::Sender<T>, item: T) -> Result<(), PubsubError> {
-        queue.try_send(item).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => PubsubError::Backlogged(NAME),
-            mpsc::error::TrySendError::Closed(_) => PubsubError::Stopped(NAME),
-        })
+        crate::poll_until(timeout, Duration::from_millis(10), || self.is_connected()).await
     }
 }
 
@@ -194,7 +180,8 @@ impl Backbone for RedisBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        Self::enqueue(
+        crate::enqueue(
+            NAME,
             &self.publications,
             Outbound::Publish(topic.to_owned(), payload),
         )
@@ -202,7 +189,8 @@ impl Backbone for RedisBackbone {
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
         let (held, answer) = oneshot::channel();
-        Self::enqueue(
+        crate::enqueue(
+            NAME,
             &self.subscriptions,
             SubscriptionOp::Subscribe(topic.to_owned(), held),
         )?;
@@ -210,7 +198,8 @@ impl Backbone for RedisBackbone {
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
-        Self::enqueue(
+        crate::enqueue(
+            NAME,
             &self.subscriptions,
             SubscriptionOp::Unsubscribe(topic.to_owned()),
         )
