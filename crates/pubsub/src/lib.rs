@@ -7,6 +7,7 @@
 //! Adapters move opaque bytes on named topics. Everything Chorus-specific (which
 //! topic a channel maps to, what to do with a message) lives in the server.
 
+mod adapter;
 pub mod dedup;
 pub mod envelope;
 pub mod history;
@@ -17,6 +18,7 @@ pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -39,8 +41,87 @@ pub enum PubsubError {
     InvalidUrl(String),
 }
 
-/// One message received from the backbone, still encoded.
-pub type Incoming = Bytes;
+/// What an adapter does with each message it receives, still encoded.
+///
+/// Called on the receive worker that owns the message's topic, with no queue or relay
+/// task in between, so it must not block: the server fans the message out to its
+/// clients' bounded queues right there. One topic's messages arrive in order on one
+/// worker; different topics may arrive on different workers at the same time.
+pub trait Deliver: Send + Sync + 'static {
+    fn deliver(&self, message: Bytes);
+}
+
+impl<F: Fn(Bytes) + Send + Sync + 'static> Deliver for F {
+    fn deliver(&self, message: Bytes) {
+        self(message);
+    }
+}
+
+/// How an adapter hands over what it receives: to whom, over how many workers, and
+/// how much may wait for a busy worker before it is lost (and counted).
+#[derive(Clone)]
+pub struct Inbox {
+    deliver: Arc<dyn Deliver>,
+    buffer: usize,
+    workers: usize,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("buffer", &self.buffer)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbox {
+    /// Messages that may wait for a worker by default.
+    pub const DEFAULT_BUFFER: usize = 4096;
+
+    /// Delivers to `deliver`, with [`Inbox::DEFAULT_BUFFER`] and one worker per core (at
+    /// most four: a worker only decodes and hands frames to queues).
+    pub fn new(deliver: impl Deliver) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Self {
+            deliver: Arc::new(deliver),
+            buffer: Self::DEFAULT_BUFFER,
+            workers: cores.clamp(1, 4),
+        }
+    }
+
+    /// Sets how many received messages may wait for a busy worker (at least 1).
+    #[must_use]
+    pub fn buffer(mut self, buffer: usize) -> Self {
+        self.buffer = buffer.max(1);
+        self
+    }
+
+    /// Sets how many workers share the topics (at least 1).
+    #[must_use]
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
+    /// Which worker delivers `topic`'s messages (by a hash of the topic, so always the
+    /// same one). NATS gives every topic its own task; Redis splits topics by this.
+    pub fn worker_for(&self, topic: &str) -> usize {
+        adapter::worker_of(topic.as_bytes(), self.workers)
+    }
+
+    pub(crate) fn deliver(&self, message: Bytes) {
+        self.deliver.deliver(message);
+    }
+
+    pub(crate) fn buffer_size(&self) -> usize {
+        self.buffer
+    }
+
+    pub(crate) fn worker_count(&self) -> usize {
+        self.workers
+    }
+}
 
 /// Resolves to true once the adapter holds a topic on its current connection, so that
 /// whatever anyone publishes on it from then on arrives here; false when it cannot
@@ -54,8 +135,8 @@ pub type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
 ///
 /// Every method returns at once: publishing and (un)subscribing enqueue work for the
 /// adapter's own task, so a slow or absent backbone never stalls a client. Received
-/// messages arrive on the channel handed to the adapter when it was created, for
-/// every subscribed topic, including the ones this replica published itself.
+/// messages go to the [`Inbox`] handed to the adapter when it was created, for every
+/// subscribed topic, including the ones this replica published itself.
 pub trait Backbone: Send + Sync + 'static {
     /// The adapter's name, used in metrics and `/health`.
     fn adapter(&self) -> &'static str;
@@ -180,19 +261,6 @@ pub(crate) async fn poll_until(
         tokio::time::sleep(tick).await;
     }
     true
-}
-
-/// Queues `item` for an adapter's own task without waiting: a full queue is
-/// [`PubsubError::Backlogged`], a stopped task [`PubsubError::Stopped`].
-pub(crate) fn enqueue<T>(
-    adapter: &'static str,
-    queue: &tokio::sync::mpsc::Sender<T>,
-    item: T,
-) -> Result<(), PubsubError> {
-    queue.try_send(item).map_err(|error| match error {
-        tokio::sync::mpsc::error::TrySendError::Full(_) => PubsubError::Backlogged(adapter),
-        tokio::sync::mpsc::error::TrySendError::Closed(_) => PubsubError::Stopped(adapter),
-    })
 }
 
 /// A [`Held`] that is already decided.

@@ -7,11 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use crate::history::memory::MemoryHistory;
 use crate::presence::memory::MemoryPresence;
-use crate::{Backbone, Held, Incoming, PubsubError, held};
+use crate::{Backbone, Held, Inbox, PubsubError, held};
 
 const NAME: &str = "local";
 
@@ -22,7 +21,7 @@ struct BusState {
 
 struct Member {
     topics: Mutex<HashSet<String>>,
-    incoming: mpsc::Sender<Incoming>,
+    inbox: Inbox,
 }
 
 /// A message bus shared by the [`LocalBackbone`]s attached to it, and the presence
@@ -67,11 +66,12 @@ impl LocalBus {
         self.presence.clone()
     }
 
-    /// Attaches a replica; what it receives goes to `incoming`.
-    pub fn attach(&self, incoming: mpsc::Sender<Incoming>) -> LocalBackbone {
+    /// Attaches a replica; what it receives goes to `inbox`, delivered on the
+    /// publisher's own call (the bus has no tasks).
+    pub fn attach(&self, inbox: Inbox) -> LocalBackbone {
         let member = Arc::new(Member {
             topics: Mutex::default(),
-            incoming,
+            inbox,
         });
         lock(&self.state).members.push(Arc::clone(&member));
         LocalBackbone {
@@ -113,10 +113,10 @@ impl Backbone for LocalBackbone {
         }
         let members = lock(&self.bus.state).members.clone();
         for member in members {
-            if lock(&member.topics).contains(topic) {
-                // Like a real broker, a receiver that cannot keep up loses messages
-                // rather than stalling the publisher.
-                let _ = member.incoming.try_send(payload.clone());
+            // Not under the topics lock: delivering may subscribe or publish again.
+            let subscribed = lock(&member.topics).contains(topic);
+            if subscribed {
+                member.inbox.deliver(payload.clone());
             }
         }
         Ok(())
@@ -151,27 +151,35 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn delivers_to_subscribed_members_including_the_sender() {
+    /// An inbox that keeps what it receives.
+    fn recorder() -> (Inbox, Arc<Mutex<Vec<Bytes>>>) {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&received);
+        let inbox = Inbox::new(move |message| lock(&kept).push(message));
+        (inbox, received)
+    }
+
+    #[test]
+    fn delivers_to_subscribed_members_including_the_sender() {
         let bus = LocalBus::new();
-        let (a_tx, mut a_rx) = mpsc::channel(8);
-        let (b_tx, mut b_rx) = mpsc::channel(8);
-        let a = bus.attach(a_tx);
-        let b = bus.attach(b_tx);
+        let (a_inbox, a_got) = recorder();
+        let (b_inbox, b_got) = recorder();
+        let a = bus.attach(a_inbox);
+        let b = bus.attach(b_inbox);
         a.subscribe("t").expect("subscribe");
         b.publish("t", Bytes::from_static(b"x")).expect("publish");
-        assert_eq!(a_rx.recv().await, Some(Bytes::from_static(b"x")));
-        assert!(b_rx.try_recv().is_err(), "b is not subscribed");
+        assert_eq!(*lock(&a_got), [Bytes::from_static(b"x")]);
+        assert!(lock(&b_got).is_empty(), "b is not subscribed");
         b.subscribe("t").expect("subscribe");
-        a.publish("t", Bytes::from_static(b"y")).expect("publish");
-        assert_eq!(b_rx.recv().await, Some(Bytes::from_static(b"y")));
+        b.publish("t", Bytes::from_static(b"y")).expect("publish");
+        assert_eq!(*lock(&b_got), [Bytes::from_static(b"y")]);
+        assert_eq!(lock(&a_got).len(), 2);
     }
 
     #[test]
     fn an_outage_refuses_publications() {
         let bus = LocalBus::new();
-        let (tx, _rx) = mpsc::channel(1);
-        let member = bus.attach(tx);
+        let member = bus.attach(recorder().0);
         bus.set_connected(false);
         assert!(!member.is_connected());
         assert_eq!(

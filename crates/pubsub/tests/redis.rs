@@ -38,3 +38,8 @@ async fn survives_an_outage() {
 async fn dropping_stops_the_tasks() {
     support::dropping_stops_the_tasks::<RedisBackbone>().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_topic_delays_no_other() {
+    support::a_stuck_topic_delays_no_other::<RedisBackbone>().await;
+}

@@ -22,7 +22,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -31,7 +31,7 @@ use crate::history::Histories;
 use crate::http_client::{HttpClient, JwksSource};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::node::{ClusterNode, NodeParts, Topics};
+use crate::node::{ClusterNode, NodeParts, NodeReceiver, Topics};
 use crate::presence::{Presence, PresenceSettings};
 use crate::proxy::Proxy;
 use crate::webhook::Webhook;
@@ -441,10 +441,7 @@ async fn history_store(
     })
 }
 
-type BackboneParts = (
-    Arc<dyn chorus_pubsub::Backbone>,
-    mpsc::Receiver<bytes::Bytes>,
-);
+type BackboneParts = (Arc<dyn chorus_pubsub::Backbone>, NodeReceiver);
 
 /// Creates the configured adapter. Redis and NATS adapters connect in the
 /// background: a backbone that is down at start-up is reported as disconnected, and
@@ -453,26 +450,23 @@ async fn connect_backbone(
     config: &Config,
     bus: Option<LocalBus>,
 ) -> Result<Option<BackboneParts>, StartError> {
-    let (incoming_tx, incoming_rx) = mpsc::channel(config.cluster.backbone_queue);
+    let receiver = NodeReceiver::default();
+    let inbox = receiver.inbox(config.cluster.backbone_queue);
     let failed = |err: chorus_pubsub::PubsubError| StartError::Backbone {
         adapter: config.cluster.backbone.adapter(),
         reason: err.to_string(),
     };
     let backbone: Arc<dyn chorus_pubsub::Backbone> = match &config.cluster.backbone {
         Backbone::Standalone => return Ok(None),
-        Backbone::Local => Arc::new(bus.unwrap_or_default().attach(incoming_tx)),
-        Backbone::Redis { url } => Arc::new(
-            RedisBackbone::connect(url, incoming_tx)
-                .await
-                .map_err(failed)?,
-        ),
-        Backbone::Nats { url } => Arc::new(
-            NatsBackbone::connect(url, incoming_tx)
-                .await
-                .map_err(failed)?,
-        ),
+        Backbone::Local => Arc::new(bus.unwrap_or_default().attach(inbox)),
+        Backbone::Redis { url } => {
+            Arc::new(RedisBackbone::connect(url, inbox).await.map_err(failed)?)
+        }
+        Backbone::Nats { url } => {
+            Arc::new(NatsBackbone::connect(url, inbox).await.map_err(failed)?)
+        }
     };
-    Ok(Some((backbone, incoming_rx)))
+    Ok(Some((backbone, receiver)))
 }
 
 async fn accept_loop(listener: TcpListener, app: Arc<App>) {

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use chorus_gate::{DeliveryPolicy, Namespaces, Pattern};
 use chorus_hub::{ClientHandle, ClientId, CloseReason, Frame, Hub, Overflow, Tag};
 use chorus_pubsub::history::{Appended, Retention};
 use chorus_pubsub::presence::{Connection, Member, PresenceError, node_of_client};
-use chorus_pubsub::{Backbone, Envelope, Kind, MessageIds, RecentIds, now_ms};
+use chorus_pubsub::{Backbone, Envelope, Inbox, Kind, MessageIds, RecentIds, now_ms};
 use chorus_rpc::{
     Delivery, HistoryPage, HistoryQuery, Node, NodeFuture, Published, Recovery, RpcError,
     StreamPosition, Subscribed, Targets, notification,
@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use crate::history::{Entry, GAP_WAIT, Histories, Rules, data_of, message_frame};
 use crate::lifecycle::{Reason, rfc3339};
@@ -232,8 +232,8 @@ impl DirectAction {
 pub struct NodeParts {
     pub node_id: String,
     pub hub: Arc<Hub>,
-    /// The backbone and the receiving end of the channel it delivers into.
-    pub backbone: Option<(Arc<dyn Backbone>, mpsc::Receiver<Bytes>)>,
+    /// The backbone and the receiver its inbox delivers to.
+    pub backbone: Option<(Arc<dyn Backbone>, NodeReceiver)>,
     pub topics: Topics,
     pub metrics: PubsubMetrics,
     pub namespaces: Namespaces,
@@ -251,6 +251,9 @@ pub struct ClusterNode {
     backbone: Option<Arc<dyn Backbone>>,
     topics: Topics,
     ids: MessageIds,
+    /// Ids of envelopes received lately: one envelope may arrive on several topics
+    /// (a user's and a device's), and so on several receive workers.
+    recent: Mutex<RecentIds>,
     interest: Arc<InterestChanges>,
     confirmations: Confirmations,
     namespaces: Namespaces,
@@ -287,7 +290,7 @@ impl ClusterNode {
             presence,
             history,
         } = parts;
-        let (backbone, incoming) = backbone.map_or((None, None), |(b, rx)| (Some(b), Some(rx)));
+        let (backbone, receiver) = backbone.map_or((None, None), |(b, rx)| (Some(b), Some(rx)));
         let node = Arc::new_cyclic(|me: &Weak<Self>| {
             let effects: Weak<dyn Effects> = me.clone();
             Self {
@@ -297,6 +300,7 @@ impl ClusterNode {
                 backbone,
                 topics,
                 ids: MessageIds::new(),
+                recent: Mutex::new(RecentIds::new(RECENT_IDS)),
                 interest: Arc::default(),
                 confirmations: Confirmations::new(),
                 namespaces,
@@ -308,7 +312,9 @@ impl ClusterNode {
                 metrics,
             }
         });
-        if let (Some(backbone), Some(incoming)) = (&node.backbone, incoming) {
+        if let (Some(backbone), Some(receiver)) = (&node.backbone, receiver) {
+            // Before the first subscription, so before anything can arrive.
+            receiver.attach(&node);
             for topic in [
                 node.topics.broadcast().to_owned(),
                 node.topics.node(&node.node_id),
@@ -318,7 +324,6 @@ impl ClusterNode {
                     node.metrics.errors.inc();
                 }
             }
-            tokio::spawn(receive(Arc::clone(&node), incoming));
             tokio::spawn(reconcile_interest(
                 Arc::downgrade(&node),
                 Arc::clone(&node.interest),
@@ -792,7 +797,7 @@ impl ClusterNode {
     }
 
     /// Delivers an envelope that came from another replica.
-    fn deliver_remote(&self, bytes: &Bytes, recent: &mut RecentIds) {
+    fn deliver_remote(&self, bytes: &Bytes) {
         let envelope = match Envelope::decode(bytes) {
             Ok(envelope) => envelope,
             Err(err) => {
@@ -808,7 +813,7 @@ impl ClusterNode {
             }
             self.twin_seen();
         }
-        if !recent.insert(envelope.id) {
+        if !lock(&self.recent).insert(envelope.id) {
             return;
         }
         if envelope.kind == Kind::Heartbeat {
@@ -1306,10 +1311,25 @@ fn pending(
     })
 }
 
-async fn receive(node: Arc<ClusterNode>, mut incoming: mpsc::Receiver<Bytes>) {
-    let mut recent = RecentIds::new(RECENT_IDS);
-    while let Some(bytes) = incoming.recv().await {
-        node.deliver_remote(&bytes, &mut recent);
+/// Where the backbone delivers: the node, once it exists. The backbone is connected
+/// before the node is built, and nothing arrives before the node's first subscription.
+#[derive(Clone, Default)]
+pub struct NodeReceiver(Arc<OnceLock<Weak<ClusterNode>>>);
+
+impl NodeReceiver {
+    /// The inbox to hand the backbone; `buffer` messages may wait for a busy worker.
+    pub fn inbox(&self, buffer: usize) -> Inbox {
+        let receiver = self.clone();
+        Inbox::new(move |bytes: Bytes| {
+            if let Some(node) = receiver.0.get().and_then(Weak::upgrade) {
+                node.deliver_remote(&bytes);
+            }
+        })
+        .buffer(buffer)
+    }
+
+    fn attach(&self, node: &Arc<ClusterNode>) {
+        let _ = self.0.set(Arc::downgrade(node));
     }
 }
 
@@ -1440,6 +1460,7 @@ mod tests {
     use chorus_pubsub::local::LocalBus;
     use chorus_pubsub::{Held, PubsubError, held};
     use chorus_rpc::Node as _;
+    use tokio::sync::mpsc;
 
     use super::*;
     use crate::lifecycle::Lifecycle;
@@ -1522,7 +1543,7 @@ mod tests {
             refusals: AtomicUsize::new(0),
             subscribed,
         });
-        let (_incoming_tx, incoming) = mpsc::channel(1);
+        let incoming = NodeReceiver::default();
         let node = ClusterNode::start(NodeParts {
             node_id: "node".into(),
             hub: Arc::clone(&hub),
@@ -1564,8 +1585,8 @@ mod tests {
         let start = |bus: &LocalBus| {
             let metrics = metrics();
             let hub = Arc::new(Hub::new(1 << 16, metrics.clone()));
-            let (incoming_tx, incoming) = mpsc::channel(16);
-            let backbone: Arc<dyn Backbone> = Arc::new(bus.attach(incoming_tx));
+            let incoming = NodeReceiver::default();
+            let backbone: Arc<dyn Backbone> = Arc::new(bus.attach(incoming.inbox(16)));
             let node = ClusterNode::start(NodeParts {
                 node_id: "same".into(),
                 hub: Arc::clone(&hub),

@@ -1,14 +1,15 @@
 //! The NATS backbone: topics are NATS subjects (encoded, see [`subject_for`]), reached
 //! with `async-nats` over one connection that reconnects forever.
 //!
-//! Work is done by the adapter's own tasks, fed by bounded queues:
+//! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
 //! - the publisher task hands publications to async-nats one by one, so one topic's
 //!   messages leave in order (async-nats writes its queue in order, flushing as it goes);
 //!   a flush request in the queue is answered once async-nats has written everything
 //!   before it to the socket;
 //! - the subscription task applies (un)subscriptions in the order they were asked for,
-//!   and starts one forwarding task per held topic that hands its messages to the
-//!   `incoming` channel, waiting when it is full;
+//!   and starts one receive task per held topic, which delivers the topic's messages
+//!   to the [`Inbox`] itself: a message makes no hop between async-nats' subscription
+//!   buffer and the task that hands it to the hub, and one slow topic delays no other;
 //! - async-nats itself re-sends SUB for every live subscription after a reconnect, and
 //!   queues subscriptions made while disconnected, so nothing here re-subscribes.
 //!
@@ -30,59 +31,29 @@ pub(crate) mod link;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle};
-use link::{EMPTY_TOKEN, LOG_EVERY, Options, Role, connected, hex_value, is_plain, token_for};
+use crate::adapter::{CommandQueues, Commands, Losses, Outbound, SubscriptionOp};
+use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError};
+use link::{EMPTY_TOKEN, Options, Role, connected, hex_value, is_plain, token_for};
 
 const NAME: &str = "nats";
 
-/// Publications waiting for the publisher task; more are refused as `Backlogged`.
-const PUBLISH_QUEUE: usize = 8192;
-/// (Un)subscriptions waiting for the subscription task.
-const SUBSCRIPTION_QUEUE: usize = 4096;
-/// Messages async-nats buffers per subscription before it drops them as a slow consumer
-/// (its default, 65 536, can hold a lot of memory per topic).
-const SUBSCRIPTION_CAPACITY: usize = 4096;
 /// (Un)subscriptions applied together, then confirmed by one marker.
 const SUBSCRIPTION_BATCH: usize = 512;
 /// How long a marker may take to come back before the subscriptions it would confirm
 /// are reported as not held.
 const MARKER_TIMEOUT: Duration = Duration::from_secs(5);
 
-enum SubscriptionOp {
-    /// Subscribe, and say on the sender once the server holds it.
-    Subscribe(String, oneshot::Sender<bool>),
-    Unsubscribe(String),
-}
-
-/// What the publisher task is asked to do, in order.
-enum Outbound {
-    Publish(String, Bytes),
-    /// Answer once everything queued before has been written.
-    Flush(oneshot::Sender<()>),
-}
-
-/// Counters of what the adapter had to give up on.
-#[derive(Default)]
-struct Losses {
-    /// Received messages async-nats dropped because a subscription's buffer was full.
-    received: Arc<AtomicU64>,
-    /// Accepted publications that never reached async-nats (connection lost, too large).
-    published: AtomicU64,
-}
-
 /// A replica's connection to a NATS server (or cluster) used as the cluster backbone.
 pub struct NatsBackbone {
     client: Client,
-    publications: mpsc::Sender<Outbound>,
-    subscriptions: mpsc::Sender<SubscriptionOp>,
+    commands: Commands,
     losses: Arc<Losses>,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -154,36 +125,43 @@ pub fn validate_url(url: &str) -> Result<(), PubsubError> {
 
 impl NatsBackbone {
     /// Starts connecting to the NATS server(s) at `url` and returns at once; messages on
-    /// subscribed topics go to `incoming`.
+    /// subscribed topics go to `inbox`.
     ///
     /// Fails only for a malformed URL. A server that is down is retried forever: the
     /// adapter reports itself disconnected until it gets through.
-    pub async fn connect(url: &str, incoming: mpsc::Sender<Incoming>) -> Result<Self, PubsubError> {
-        let losses = Arc::new(Losses::default());
+    pub async fn connect(url: &str, inbox: Inbox) -> Result<Self, PubsubError> {
+        let losses = Arc::new(Losses::new(NAME));
         let client = link::connect(
             url,
             Options {
                 role: Role::Backbone,
-                subscription_capacity: Some(SUBSCRIPTION_CAPACITY),
+                // async-nats buffers this much per subscription before it drops
+                // messages as a slow consumer (its default, 65 536, can hold a lot of
+                // memory per topic).
+                subscription_capacity: Some(inbox.buffer_size()),
                 slow_consumers: Some(Arc::clone(&losses.received)),
             },
         )
         .await?;
 
-        let (publications, publication_rx) = mpsc::channel(PUBLISH_QUEUE);
-        let (subscriptions, subscription_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let (
+            commands,
+            CommandQueues {
+                publications,
+                subscriptions,
+            },
+        ) = Commands::new(NAME);
         let tasks = vec![
             spawn(publish_loop(
                 client.clone(),
-                publication_rx,
+                publications,
                 Arc::clone(&losses),
             )),
-            spawn(subscription_loop(client.clone(), subscription_rx, incoming)),
+            spawn(subscription_loop(client.clone(), subscriptions, inbox)),
         ];
         Ok(Self {
             client,
-            publications,
-            subscriptions,
+            commands,
             losses,
             _tasks: tasks,
         })
@@ -208,29 +186,15 @@ impl Backbone for NatsBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        crate::enqueue(
-            NAME,
-            &self.publications,
-            Outbound::Publish(subject_for(topic), payload),
-        )
+        self.commands.publish(subject_for(topic), payload)
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
-        let (held, answer) = oneshot::channel();
-        crate::enqueue(
-            NAME,
-            &self.subscriptions,
-            SubscriptionOp::Subscribe(topic.to_owned(), held),
-        )?;
-        Ok(answer)
+        self.commands.subscribe(topic)
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
-        crate::enqueue(
-            NAME,
-            &self.subscriptions,
-            SubscriptionOp::Unsubscribe(topic.to_owned()),
-        )
+        self.commands.unsubscribe(topic)
     }
 
     fn generation(&self) -> u64 {
@@ -238,21 +202,15 @@ impl Backbone for NatsBackbone {
     }
 
     fn flush(&self) -> Pending {
-        let (done, flushed) = oneshot::channel();
-        let queued = self.publications.clone();
-        Box::pin(async move {
-            if queued.send(Outbound::Flush(done)).await.is_ok() {
-                let _ = flushed.await;
-            }
-        })
+        self.commands.flush()
     }
 
     fn dropped_published(&self) -> u64 {
-        self.losses.published.load(Ordering::Relaxed)
+        self.losses.published()
     }
 
     fn dropped_received(&self) -> u64 {
-        self.losses.received.load(Ordering::Relaxed)
+        self.losses.received()
     }
 }
 
@@ -264,7 +222,6 @@ where
 }
 
 async fn publish_loop(client: Client, mut queue: mpsc::Receiver<Outbound>, losses: Arc<Losses>) {
-    let throttle = Throttle::new(LOG_EVERY);
     while let Some(outbound) = queue.recv().await {
         let (subject, payload) = match outbound {
             Outbound::Publish(subject, payload) => (subject, payload),
@@ -288,20 +245,13 @@ async fn publish_loop(client: Client, mut queue: mpsc::Receiver<Outbound>, losse
             Err("the connection is down".to_owned())
         };
         if let Err(why) = outcome {
-            losses.published.fetch_add(1, Ordering::Relaxed);
-            if let Some(lost) = throttle.record(1) {
-                tracing::warn!(adapter = NAME, lost, why, "publications lost");
-            }
+            losses.lost_publications(1, &why);
         }
     }
 }
 
-async fn subscription_loop(
-    client: Client,
-    mut ops: mpsc::Receiver<SubscriptionOp>,
-    incoming: mpsc::Sender<Incoming>,
-) {
-    // One forwarding task per held topic; dropping it aborts the task, whose Subscriber
+async fn subscription_loop(client: Client, mut ops: mpsc::Receiver<SubscriptionOp>, inbox: Inbox) {
+    // One receive task per held topic; dropping it aborts the task, whose Subscriber
     // then sends UNSUB.
     let mut held: HashMap<String, AbortOnDrop> = HashMap::new();
     let mut markers = Markers::new(&client).await;
@@ -315,7 +265,7 @@ async fn subscription_loop(
                         // Queued by async-nats while disconnected, and sent once connected.
                         match client.subscribe(subject_for(vacant.key())).await {
                             Ok(subscriber) => {
-                                vacant.insert(spawn(forward(subscriber, incoming.clone())));
+                                vacant.insert(spawn(receive(subscriber, inbox.clone())));
                             }
                             Err(error) => {
                                 tracing::warn!(adapter = NAME, topic = vacant.key(), %error, "subscribe failed");
@@ -397,11 +347,9 @@ impl Markers {
     }
 }
 
-async fn forward(mut subscriber: Subscriber, incoming: mpsc::Sender<Incoming>) {
+async fn receive(mut subscriber: Subscriber, inbox: Inbox) {
     while let Some(message) = subscriber.next().await {
-        if incoming.send(message.payload).await.is_err() {
-            break;
-        }
+        inbox.deliver(message.payload);
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Redis channel names are binary safe, so topics are used as they are.
 //!
-//! Work is done by the adapter's own tasks, fed by bounded queues:
+//! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
 //! - the publisher task sends queued publications as one pipeline per batch, and waits
 //!   for a batch before sending the next, so one topic's messages leave in order; a
 //!   flush request in the queue is answered once everything before it was sent;
@@ -11,8 +11,10 @@
 //!   many per command, keeps the set of topics the adapter should hold, subscribes to
 //!   all of it again after every (re)connection, and confirms each subscription once
 //!   Redis has answered a PING sent right behind its SUBSCRIBE;
-//! - the receiver task hands every message to the `incoming` channel, waiting when it is
-//!   full;
+//! - the receive workers each read fred's message broadcast, keep the topics that hash
+//!   to them and deliver those to the [`Inbox`] themselves: a message makes no hop
+//!   between fred's reader and the worker that hands it to the hub, and a topic whose
+//!   delivery is slow delays only the topics of its own worker;
 //! - a heartbeat task per connection pings it, so that a peer that vanished without
 //!   closing the socket is noticed (fred's unresponsive check then reconnects).
 //!
@@ -36,58 +38,26 @@ use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, Value};
 use fred::types::{Message, RespVersion};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle, redact_url};
+use crate::adapter::{CommandQueues, Commands, Losses, Outbound, SubscriptionOp, worker_of};
+use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, redact_url};
 
 pub(crate) mod link;
 
 pub use link::validate_url;
 use link::{NAME, builder, heartbeat, keep_connected, parse_config, spawn};
 
-/// Publications waiting for the publisher task; more are refused as `Backlogged`.
-const PUBLISH_QUEUE: usize = 8192;
-/// (Un)subscriptions waiting for the subscription task.
-const SUBSCRIPTION_QUEUE: usize = 4096;
 /// Most publications sent in one pipeline.
 const MAX_BATCH: usize = 256;
 /// Most channels named in one SUBSCRIBE or UNSUBSCRIBE.
 const MAX_CHANNELS_PER_COMMAND: usize = 512;
-/// Messages fred buffers between the subscriber socket and the receiver task. fred
-/// allocates every broadcast channel of a client at this size, so it is a compromise
-/// between surviving a burst and memory (a few MB).
-const SUBSCRIBER_BROADCAST_CAPACITY: usize = 4096;
 /// How often a subscription state that failed to apply is tried again.
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
-/// How often a repeated warning (lag, lost publications) is logged at most.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
-enum SubscriptionOp {
-    /// Subscribe, and say on the sender once Redis holds it.
-    Subscribe(String, oneshot::Sender<bool>),
-    Unsubscribe(String),
-}
-
-/// What the publisher task is asked to do, in order.
-enum Outbound {
-    Publish(String, Bytes),
-    /// Answer once everything queued before has been sent.
-    Flush(oneshot::Sender<()>),
-}
-
-/// Counters of what the adapter had to give up on.
-#[derive(Default)]
-struct Losses {
-    /// Received messages fred dropped because the receiver task fell behind.
-    received: AtomicU64,
-    /// Accepted publications that never reached Redis (connection lost or command failed).
-    published: AtomicU64,
-}
 
 /// A replica's connection to a Redis server used as the cluster backbone.
 pub struct RedisBackbone {
     publisher: fred::clients::Client,
     subscriber: SubscriberClient,
-    publications: mpsc::Sender<Outbound>,
-    subscriptions: mpsc::Sender<SubscriptionOp>,
+    commands: Commands,
     losses: Arc<Losses>,
     /// Subscriber connections made so far (see [`Backbone::generation`]).
     generation: Arc<AtomicU64>,
@@ -104,11 +74,11 @@ impl std::fmt::Debug for RedisBackbone {
 
 impl RedisBackbone {
     /// Starts connecting to the Redis server at `url` and returns at once; messages on
-    /// subscribed topics go to `incoming`.
+    /// subscribed topics go to `inbox`.
     ///
     /// Fails only for a malformed URL. A server that is down is retried forever: the
     /// adapter reports itself disconnected until it gets through.
-    pub async fn connect(url: &str, incoming: mpsc::Sender<Incoming>) -> Result<Self, PubsubError> {
+    pub async fn connect(url: &str, inbox: Inbox) -> Result<Self, PubsubError> {
         let config = parse_config(url)?;
         let invalid = |error: fred::error::Error| {
             PubsubError::InvalidUrl(format!("{}: {}", redact_url(url), error.details()))
@@ -119,42 +89,59 @@ impl RedisBackbone {
             version: RespVersion::RESP3,
             ..config
         };
-        let subscriber = builder(subscriber_config, Some(SUBSCRIBER_BROADCAST_CAPACITY))
+        // fred allocates every broadcast channel of the client at this size, and the
+        // message channel is where received messages wait for the workers.
+        let subscriber = builder(subscriber_config, Some(inbox.buffer_size()))
             .build_subscriber_client()
             .map_err(invalid)?;
 
         // Taken before connecting, so that neither the first connection nor the first
         // message can be missed.
-        let messages = subscriber.message_rx();
+        let workers = inbox.worker_count();
+        let receivers: Vec<_> = (0..workers).map(|_| subscriber.message_rx()).collect();
         let reconnects = subscriber.reconnect_rx();
 
-        let losses = Arc::new(Losses::default());
+        let losses = Arc::new(Losses::new(NAME));
         let generation = Arc::new(AtomicU64::new(0));
-        let (publications, publication_rx) = mpsc::channel(PUBLISH_QUEUE);
-        let (subscriptions, subscription_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
-        let tasks = vec![
+        let (
+            commands,
+            CommandQueues {
+                publications,
+                subscriptions,
+            },
+        ) = Commands::new(NAME);
+        let mut tasks = vec![
             spawn(keep_connected(publisher.clone(), "publisher")),
             spawn(keep_connected(subscriber.clone(), "subscriber")),
             spawn(publish_loop(
                 publisher.clone(),
-                publication_rx,
+                publications,
                 Arc::clone(&losses),
             )),
             spawn(subscription_loop(
                 subscriber.clone(),
-                subscription_rx,
+                subscriptions,
                 reconnects,
                 Arc::clone(&generation),
             )),
-            spawn(receive_loop(messages, incoming, Arc::clone(&losses))),
             spawn(heartbeat(publisher.clone())),
             spawn(heartbeat(subscriber.clone())),
         ];
+        for (worker, messages) in receivers.into_iter().enumerate() {
+            tasks.push(spawn(receive_worker(
+                Worker {
+                    index: worker,
+                    count: workers,
+                },
+                messages,
+                inbox.clone(),
+                Arc::clone(&losses),
+            )));
+        }
         Ok(Self {
             publisher,
             subscriber,
-            publications,
-            subscriptions,
+            commands,
             losses,
             generation,
             _tasks: tasks,
@@ -180,29 +167,15 @@ impl Backbone for RedisBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        crate::enqueue(
-            NAME,
-            &self.publications,
-            Outbound::Publish(topic.to_owned(), payload),
-        )
+        self.commands.publish(topic.to_owned(), payload)
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
-        let (held, answer) = oneshot::channel();
-        crate::enqueue(
-            NAME,
-            &self.subscriptions,
-            SubscriptionOp::Subscribe(topic.to_owned(), held),
-        )?;
-        Ok(answer)
+        self.commands.subscribe(topic)
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
-        crate::enqueue(
-            NAME,
-            &self.subscriptions,
-            SubscriptionOp::Unsubscribe(topic.to_owned()),
-        )
+        self.commands.unsubscribe(topic)
     }
 
     fn generation(&self) -> u64 {
@@ -210,22 +183,15 @@ impl Backbone for RedisBackbone {
     }
 
     fn flush(&self) -> Pending {
-        let (done, flushed) = oneshot::channel();
-        let queued = self.publications.clone();
-        Box::pin(async move {
-            // Waits for room: the queue drains unless the task is gone.
-            if queued.send(Outbound::Flush(done)).await.is_ok() {
-                let _ = flushed.await;
-            }
-        })
+        self.commands.flush()
     }
 
     fn dropped_published(&self) -> u64 {
-        self.losses.published.load(Ordering::Relaxed)
+        self.losses.published()
     }
 
     fn dropped_received(&self) -> u64 {
-        self.losses.received.load(Ordering::Relaxed)
+        self.losses.received()
     }
 }
 
@@ -234,7 +200,6 @@ async fn publish_loop(
     mut queue: mpsc::Receiver<Outbound>,
     losses: Arc<Losses>,
 ) {
-    let throttle = Throttle::new(LOG_EVERY);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut publications = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -242,12 +207,12 @@ async fn publish_loop(
             match outbound {
                 Outbound::Publish(topic, payload) => publications.push((topic, payload)),
                 Outbound::Flush(done) => {
-                    send_pipeline(&publisher, &mut publications, &losses, &throttle).await;
+                    send_pipeline(&publisher, &mut publications, &losses).await;
                     let _ = done.send(());
                 }
             }
         }
-        send_pipeline(&publisher, &mut publications, &losses, &throttle).await;
+        send_pipeline(&publisher, &mut publications, &losses).await;
     }
 }
 
@@ -257,7 +222,6 @@ async fn send_pipeline(
     publisher: &fred::clients::Client,
     publications: &mut Vec<(String, Bytes)>,
     losses: &Losses,
-    throttle: &Throttle,
 ) {
     let count = publications.len();
     if count == 0 {
@@ -267,7 +231,7 @@ async fn send_pipeline(
         // At most once: what was accepted just before an outage is dropped rather
         // than delivered late.
         publications.clear();
-        lost_publications(losses, throttle, count, "the connection is down");
+        losses.lost_publications(count, "the connection is down");
         return;
     }
     let pipeline = publisher.pipeline();
@@ -285,15 +249,7 @@ async fn send_pipeline(
         .filter(|result| result.is_err())
         .count();
     if failed > 0 {
-        lost_publications(losses, throttle, failed, "PUBLISH failed");
-    }
-}
-
-fn lost_publications(losses: &Losses, throttle: &Throttle, count: usize, why: &str) {
-    let count = u64::try_from(count).unwrap_or(u64::MAX);
-    losses.published.fetch_add(count, Ordering::Relaxed);
-    if let Some(lost) = throttle.record(count) {
-        tracing::warn!(adapter = NAME, lost, why, "publications lost");
+        losses.lost_publications(failed, "PUBLISH failed");
     }
 }
 
@@ -448,31 +404,36 @@ async fn resync(subscriber: &SubscriberClient, wanted: &BTreeSet<String>) -> boo
     ok
 }
 
-async fn receive_loop(
+/// One receive worker's share of the topics.
+#[derive(Clone, Copy)]
+struct Worker {
+    index: usize,
+    count: usize,
+}
+
+/// Reads every message fred received, and delivers the ones whose topic hashes to
+/// this worker.
+async fn receive_worker(
+    worker: Worker,
     mut messages: broadcast::Receiver<Message>,
-    incoming: mpsc::Sender<Incoming>,
+    inbox: Inbox,
     losses: Arc<Losses>,
 ) {
-    let throttle = Throttle::new(LOG_EVERY);
     loop {
         match messages.recv().await {
             Ok(message) => {
-                let Some(payload) = payload(message.value) else {
+                if worker_of(message.channel.as_bytes(), worker.count) != worker.index {
                     continue;
-                };
-                if incoming.send(payload).await.is_err() {
-                    break;
+                }
+                if let Some(payload) = payload(message.value) {
+                    inbox.deliver(payload);
                 }
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                losses.received.fetch_add(missed, Ordering::Relaxed);
-                if let Some(lost) = throttle.record(missed) {
-                    tracing::warn!(
-                        adapter = NAME,
-                        lost,
-                        "received messages lost: this replica reads them too slowly"
-                    );
-                }
+                // The buffer holds every worker's messages: about 1/count of the
+                // ones this worker missed were its own.
+                let count = u64::try_from(worker.count).unwrap_or(1);
+                losses.lost_received(missed.div_ceil(count));
             }
             Err(broadcast::error::RecvError::Closed) => break,
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chorus_pubsub::nats::NatsBackbone;
 use chorus_pubsub::redis::RedisBackbone;
-use chorus_pubsub::{Backbone, PubsubError};
+use chorus_pubsub::{Backbone, Inbox, PubsubError};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
@@ -248,43 +248,42 @@ fn free_port() -> u16 {
 /// What the scenarios need from an adapter besides [`Backbone`].
 pub trait Adapter: Backbone + Sized {
     const KIND: Kind;
-    fn connect(
-        url: &str,
-        incoming: mpsc::Sender<Bytes>,
-    ) -> impl Future<Output = Result<Self, PubsubError>> + Send;
+    fn connect(url: &str, inbox: Inbox) -> impl Future<Output = Result<Self, PubsubError>> + Send;
 }
 
 impl Adapter for RedisBackbone {
     const KIND: Kind = Kind::Redis;
-    fn connect(
-        url: &str,
-        incoming: mpsc::Sender<Bytes>,
-    ) -> impl Future<Output = Result<Self, PubsubError>> + Send {
-        RedisBackbone::connect(url, incoming)
+    fn connect(url: &str, inbox: Inbox) -> impl Future<Output = Result<Self, PubsubError>> + Send {
+        RedisBackbone::connect(url, inbox)
     }
 }
 
 impl Adapter for NatsBackbone {
     const KIND: Kind = Kind::Nats;
-    fn connect(
-        url: &str,
-        incoming: mpsc::Sender<Bytes>,
-    ) -> impl Future<Output = Result<Self, PubsubError>> + Send {
-        NatsBackbone::connect(url, incoming)
+    fn connect(url: &str, inbox: Inbox) -> impl Future<Output = Result<Self, PubsubError>> + Send {
+        NatsBackbone::connect(url, inbox)
     }
+}
+
+/// An inbox whose deliveries can be awaited, in order.
+pub fn inbox() -> (Inbox, mpsc::UnboundedReceiver<Bytes>) {
+    let (delivered, received) = mpsc::unbounded_channel();
+    let inbox = Inbox::new(move |message| {
+        let _ = delivered.send(message);
+    });
+    (inbox, received)
 }
 
 /// An adapter and what it receives.
 pub struct Node<A> {
     pub backbone: A,
-    pub received: mpsc::Receiver<Bytes>,
+    pub received: mpsc::UnboundedReceiver<Bytes>,
 }
 
 impl<A: Adapter> Node<A> {
     pub async fn connect(url: &str) -> Self {
-        // Small on purpose: the adapter must wait for the reader, not drop.
-        let (incoming, received) = mpsc::channel(16);
-        let backbone = A::connect(url, incoming).await.expect("a valid URL");
+        let (inbox, received) = inbox();
+        let backbone = A::connect(url, inbox).await.expect("a valid URL");
         Self { backbone, received }
     }
 
@@ -523,13 +522,62 @@ pub async fn survives_an_outage<A: Adapter>() {
 /// Dropping an adapter ends its tasks: what it was handed to deliver into is released.
 pub async fn dropping_stops_the_tasks<A: Adapter>() {
     let server = Server::start(A::KIND);
-    let (incoming, mut received) = mpsc::channel(1);
-    let backbone = A::connect(&server.url(), incoming)
-        .await
-        .expect("a valid URL");
+    let (inbox, mut received) = inbox();
+    let backbone = A::connect(&server.url(), inbox).await.expect("a valid URL");
     backbone.subscribe("t").expect("subscribe");
     drop(backbone);
     // Every sender lives in the adapter's tasks; once they are gone, the channel closes.
     let closed = timeout(SOON, async { while received.recv().await.is_some() {} }).await;
     assert!(closed.is_ok(), "the adapter's tasks outlived it");
+}
+
+/// A topic whose delivery is stuck (a fan-out taking long) holds up no topic of another
+/// receive worker, and is delivered once unstuck.
+pub async fn a_stuck_topic_delays_no_other<A: Adapter>() {
+    let server = Server::start(A::KIND);
+    let (unstick, stuck) = std::sync::mpsc::channel::<()>();
+    let stuck = Mutex::new(stuck);
+    let (delivered, mut received) = mpsc::unbounded_channel();
+    let inbox = Inbox::new(move |message: Bytes| {
+        if message == "stick" {
+            let stuck = stuck
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = stuck.recv_timeout(SOON);
+        }
+        let _ = delivered.send(message);
+    })
+    .workers(2);
+    let slow = "slow";
+    let fast = (0..)
+        .map(|index| format!("fast-{index}"))
+        .find(|topic| inbox.worker_for(topic) != inbox.worker_for(slow))
+        .expect("some topic hashes to the other worker");
+    let backbone = A::connect(&server.url(), inbox).await.expect("a valid URL");
+    let (_, nothing) = mpsc::unbounded_channel();
+    let node = Node {
+        backbone,
+        received: nothing,
+    };
+    node.wait_connected(true).await;
+    let backbone = node.backbone;
+    for topic in [slow, fast.as_str()] {
+        let held = backbone.subscribe(topic).expect("subscribe");
+        assert_eq!(timeout(SOON, held).await, Ok(Ok(true)), "{topic} held");
+    }
+    backbone
+        .publish(slow, Bytes::from_static(b"stick"))
+        .expect("publish");
+    backbone
+        .publish(&fast, Bytes::from_static(b"quick"))
+        .expect("publish");
+    let first = timeout(SOON, received.recv()).await;
+    assert_eq!(
+        first,
+        Ok(Some(Bytes::from_static(b"quick"))),
+        "the other worker's topic arrives while the slow one is stuck"
+    );
+    unstick.send(()).expect("the slow delivery waits");
+    let second = timeout(SOON, received.recv()).await;
+    assert_eq!(second, Ok(Some(Bytes::from_static(b"stick"))));
 }

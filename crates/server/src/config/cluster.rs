@@ -48,8 +48,8 @@ pub struct ClusterConfig {
     pub backbone: Backbone,
     /// Topic for broadcasts, and prefix of every channel topic.
     pub pubsub_channel: String,
-    /// Envelopes the backbone may hold for this replica, each way, before it waits
-    /// (incoming) or refuses (outgoing).
+    /// Received envelopes that may wait for this replica's receive workers before the
+    /// adapter loses (and counts) them.
     pub backbone_queue: usize,
 }
 
@@ -94,7 +94,7 @@ impl ClusterConfig {
         let backbone_queue = parse_or(
             "WS_BACKBONE_QUEUE",
             raw.backbone_queue,
-            8192,
+            chorus_pubsub::Inbox::DEFAULT_BUFFER,
             "a whole number from 16 to 1048576",
             parse_count(16..=1 << 20),
         )?;
