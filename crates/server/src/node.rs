@@ -373,12 +373,17 @@ impl ClusterNode {
     /// history, no order beyond the backbone's).
     fn publish_frame(&self, channel: &str, frame: Frame) -> Delivery {
         let frame = self.tagged(channel, frame);
+        // The backbone first: its publisher task then runs before the local clients'
+        // tasks woken by the fan-out, instead of queueing behind them.
+        let delivery = if self.backbone.is_none() {
+            Delivery::Cluster
+        } else {
+            let envelope =
+                self.envelope(Kind::Channel, channel.to_owned(), frame.as_bytes().clone());
+            self.send_to_cluster(&envelope, &[self.topics.channel(channel)])
+        };
         self.hub.publish(channel, &frame);
-        if self.backbone.is_none() {
-            return Delivery::Cluster;
-        }
-        let envelope = self.envelope(Kind::Channel, channel.to_owned(), frame.as_bytes().clone());
-        self.send_to_cluster(&envelope, &[self.topics.channel(channel)])
+        delivery
     }
 
     /// A history channel's publication: the store gives it its offset, then it is
@@ -1081,12 +1086,16 @@ impl ClusterNode {
 
 impl Node for ClusterNode {
     fn broadcast(&self, frame: Frame) -> Delivery {
+        // The backbone first: its publisher task then runs before the local clients'
+        // tasks woken by the fan-out, instead of queueing behind them.
+        let delivery = if self.backbone.is_none() {
+            Delivery::Cluster
+        } else {
+            let envelope = self.envelope(Kind::Broadcast, String::new(), frame.as_bytes().clone());
+            self.send_to_cluster(&envelope, &[self.topics.broadcast().to_owned()])
+        };
         self.hub.broadcast(&frame);
-        if self.backbone.is_none() {
-            return Delivery::Cluster;
-        }
-        let envelope = self.envelope(Kind::Broadcast, String::new(), frame.as_bytes().clone());
-        self.send_to_cluster(&envelope, &[self.topics.broadcast().to_owned()])
+        delivery
     }
 
     fn publish(&self, channel: &str, data: &RawValue, idempotency_key: Option<&str>) -> Published {

@@ -85,6 +85,9 @@ pub(crate) fn builder(config: Config, broadcast_capacity: Option<usize>) -> Buil
             connection.reconnect_on_auth_error = true;
             connection.unresponsive.max_timeout = Some(UNRESPONSIVE_AFTER);
             connection.unresponsive.interval = Duration::from_secs(1);
+            // fred leaves Nagle on: a publication written while the previous one is
+            // unacknowledged would wait for the ACK.
+            connection.tcp.nodelay = Some(true);
         })
         // max_attempts 0: retry forever.
         .set_policy(ReconnectPolicy::new_exponential(
