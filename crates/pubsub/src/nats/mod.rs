@@ -2,10 +2,12 @@
 //! with `async-nats` over one connection that reconnects forever.
 //!
 //! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
-//! - the publisher task hands publications to async-nats one by one, so one topic's
-//!   messages leave in order (async-nats writes its queue in order, flushing as it goes);
-//!   a flush request in the queue is answered once async-nats has written everything
-//!   before it to the socket;
+//! - a publication goes straight into async-nats' own queue when it has room and
+//!   nothing waits in ours, so it makes no hop of our own; otherwise the publisher task
+//!   hands the waiting ones to async-nats in order, and later ones wait behind them, so
+//!   one topic's messages leave in order (async-nats writes its queue in order,
+//!   flushing as it goes); a flush request in the queue is answered once async-nats
+//!   has written everything before it to the socket;
 //! - the subscription task applies (un)subscriptions in the order they were asked for,
 //!   and starts one receive task per held topic, which delivers the topic's messages
 //!   to the [`Inbox`] itself: a message makes no hop between async-nats' subscription
@@ -31,11 +33,12 @@ pub(crate) mod link;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, Subscriber};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::adapter::{CommandQueues, Commands, Losses, Outbound, SubscriptionOp};
@@ -54,6 +57,8 @@ const MARKER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NatsBackbone {
     client: Client,
     commands: Commands,
+    /// Publications in our queue, not yet handed to async-nats.
+    waiting: Arc<AtomicUsize>,
     losses: Arc<Losses>,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -151,10 +156,12 @@ impl NatsBackbone {
                 subscriptions,
             },
         ) = Commands::new(NAME);
+        let waiting = Arc::new(AtomicUsize::new(0));
         let tasks = vec![
             spawn(publish_loop(
                 client.clone(),
                 publications,
+                Arc::clone(&waiting),
                 Arc::clone(&losses),
             )),
             spawn(subscription_loop(client.clone(), subscriptions, inbox)),
@@ -162,6 +169,7 @@ impl NatsBackbone {
         Ok(Self {
             client,
             commands,
+            waiting,
             losses,
             _tasks: tasks,
         })
@@ -186,7 +194,27 @@ impl Backbone for NatsBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        self.commands.publish(subject_for(topic), payload)
+        let subject = subject_for(topic);
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            // async-nats queues on the first poll when it has room; a pending send has
+            // sent nothing, so dropping it loses nothing.
+            match self
+                .client
+                .publish(subject.clone(), payload.clone())
+                .now_or_never()
+            {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(error)) => {
+                    self.losses.lost_publications(1, &error.to_string());
+                    return Ok(());
+                }
+                None => {}
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.commands.publish(subject, payload).inspect_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        })
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
@@ -221,7 +249,12 @@ where
     AbortOnDrop(tokio::spawn(task).abort_handle())
 }
 
-async fn publish_loop(client: Client, mut queue: mpsc::Receiver<Outbound>, losses: Arc<Losses>) {
+async fn publish_loop(
+    client: Client,
+    mut queue: mpsc::Receiver<Outbound>,
+    waiting: Arc<AtomicUsize>,
+    losses: Arc<Losses>,
+) {
     while let Some(outbound) = queue.recv().await {
         let (subject, payload) = match outbound {
             Outbound::Publish(subject, payload) => (subject, payload),
@@ -244,6 +277,8 @@ async fn publish_loop(client: Client, mut queue: mpsc::Receiver<Outbound>, losse
             // than delivered late.
             Err("the connection is down".to_owned())
         };
+        // Handed over (or lost): later publications may go straight to async-nats.
+        waiting.fetch_sub(1, Ordering::AcqRel);
         if let Err(why) = outcome {
             losses.lost_publications(1, &why);
         }
