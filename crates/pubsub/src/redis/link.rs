@@ -36,7 +36,7 @@ const RECONNECT_MAX_MS: u32 = 1000;
 /// How long a TCP connect (and the handshake commands after it) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long any command may wait for its reply.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a connection is pinged, and how long an unanswered command may wait
 /// before fred drops the connection as unresponsive.
 const HEARTBEAT: Duration = Duration::from_secs(3);

@@ -4,8 +4,12 @@
 //! Redis channel names are binary safe, so topics are used as they are.
 //!
 //! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
-//! - the publisher task sends queued publications as one pipeline per batch, and waits
-//!   for a batch before sending the next, so one topic's messages leave in order; a
+//! - a publication made while none is queued or awaiting its reply goes straight into
+//!   fred's command queue, so at light load it makes no hop of our own; a task awaits
+//!   its reply to count a failure;
+//! - otherwise it waits in our queue: the publisher task sends queued publications as
+//!   one pipeline per batch, and waits for a batch before sending the next, so one
+//!   topic's messages leave in order, and later publications queue behind them; a
 //!   flush request in the queue is answered once everything before it was sent;
 //! - the subscription task applies (un)subscriptions in the order they were asked for,
 //!   many per command, keeps the set of topics the adapter should hold, subscribes to
@@ -27,15 +31,18 @@
 //! UNSUBSCRIBE issued around a reconnect. The subscription task owns that state instead.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::mem;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, Value};
 use fred::types::{Message, RespVersion};
+use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::adapter::{CommandQueues, Commands, Losses, Outbound, SubscriptionOp, worker_of};
@@ -44,7 +51,7 @@ use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, redact_url
 pub(crate) mod link;
 
 pub use link::validate_url;
-use link::{NAME, builder, heartbeat, keep_connected, parse_config, spawn};
+use link::{COMMAND_TIMEOUT, NAME, builder, heartbeat, keep_connected, parse_config, spawn};
 
 /// Most publications sent in one pipeline.
 const MAX_BATCH: usize = 256;
@@ -52,12 +59,29 @@ const MAX_BATCH: usize = 256;
 const MAX_CHANNELS_PER_COMMAND: usize = 512;
 /// How often a subscription state that failed to apply is tried again.
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// Direct publications whose reply may be awaited at once; past it a reply goes
+/// unchecked.
+const REPLY_QUEUE: usize = 1024;
+
+/// A PUBLISH already in fred's command queue, its reply still to come.
+type Reply = Pin<Box<dyn Future<Output = Result<Value, fred::error::Error>> + Send>>;
+
+/// What decides whether a publication may skip our queue.
+#[derive(Default)]
+struct InFlight {
+    /// Publications in our queue or in a pipeline not answered yet.
+    queued: AtomicUsize,
+    /// Direct publications whose reply has not come yet.
+    unanswered: AtomicUsize,
+}
 
 /// A replica's connection to a Redis server used as the cluster backbone.
 pub struct RedisBackbone {
     publisher: fred::clients::Client,
     subscriber: SubscriberClient,
     commands: Commands,
+    in_flight: Arc<InFlight>,
+    replies: mpsc::Sender<Reply>,
     losses: Arc<Losses>,
     /// Subscriber connections made so far (see [`Backbone::generation`]).
     generation: Arc<AtomicU64>,
@@ -103,6 +127,8 @@ impl RedisBackbone {
 
         let losses = Arc::new(Losses::new(NAME));
         let generation = Arc::new(AtomicU64::new(0));
+        let in_flight = Arc::new(InFlight::default());
+        let (replies, reply_rx) = mpsc::channel(REPLY_QUEUE);
         let (
             commands,
             CommandQueues {
@@ -116,6 +142,12 @@ impl RedisBackbone {
             spawn(publish_loop(
                 publisher.clone(),
                 publications,
+                Arc::clone(&in_flight),
+                Arc::clone(&losses),
+            )),
+            spawn(await_replies(
+                reply_rx,
+                Arc::clone(&in_flight),
                 Arc::clone(&losses),
             )),
             spawn(subscription_loop(
@@ -142,10 +174,35 @@ impl RedisBackbone {
             publisher,
             subscriber,
             commands,
+            in_flight,
+            replies,
             losses,
             generation,
             _tasks: tasks,
         })
+    }
+
+    /// Hands a PUBLISH to fred now: its first poll puts the command in fred's queue (in
+    /// the order of the calls), and the reply is awaited by another task.
+    fn publish_directly(&self, topic: &str, payload: Bytes) {
+        let publisher = self.publisher.clone();
+        let topic = topic.to_owned();
+        let mut reply: Reply = Box::pin(async move {
+            publisher
+                .publish::<Value, _, _>(topic, Value::Bytes(payload))
+                .await
+        });
+        match (&mut reply).now_or_never() {
+            Some(Ok(_)) => {}
+            Some(Err(_)) => self.losses.lost_publications(1, "PUBLISH failed"),
+            None => {
+                self.in_flight.unanswered.fetch_add(1, Ordering::AcqRel);
+                if self.replies.try_send(reply).is_err() {
+                    // Sent all the same; only a failure would go uncounted.
+                    self.in_flight.unanswered.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
     }
 
     /// Waits until both connections are up, for at most `timeout`; returns whether they are.
@@ -167,7 +224,19 @@ impl Backbone for RedisBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        self.commands.publish(topic.to_owned(), payload)
+        let in_flight = &self.in_flight;
+        if in_flight.queued.load(Ordering::Acquire) == 0
+            && in_flight.unanswered.load(Ordering::Acquire) == 0
+        {
+            self.publish_directly(topic, payload);
+            return Ok(());
+        }
+        in_flight.queued.fetch_add(1, Ordering::AcqRel);
+        self.commands
+            .publish(topic.to_owned(), payload)
+            .inspect_err(|_| {
+                in_flight.queued.fetch_sub(1, Ordering::AcqRel);
+            })
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
@@ -198,21 +267,47 @@ impl Backbone for RedisBackbone {
 async fn publish_loop(
     publisher: fred::clients::Client,
     mut queue: mpsc::Receiver<Outbound>,
+    in_flight: Arc<InFlight>,
     losses: Arc<Losses>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut publications = Vec::with_capacity(MAX_BATCH);
+    let send = async |publications: &mut Vec<(String, Bytes)>| {
+        let count = publications.len();
+        send_pipeline(&publisher, publications, &losses).await;
+        // Answered (or lost): later publications may go straight to fred.
+        in_flight.queued.fetch_sub(count, Ordering::AcqRel);
+    };
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         for outbound in batch.drain(..) {
             match outbound {
                 Outbound::Publish(topic, payload) => publications.push((topic, payload)),
                 Outbound::Flush(done) => {
-                    send_pipeline(&publisher, &mut publications, &losses).await;
+                    send(&mut publications).await;
+                    // Direct publications left before this flush was asked for.
+                    crate::poll_until(COMMAND_TIMEOUT, Duration::from_millis(1), || {
+                        in_flight.unanswered.load(Ordering::Acquire) == 0
+                    })
+                    .await;
                     let _ = done.send(());
                 }
             }
         }
-        send_pipeline(&publisher, &mut publications, &losses).await;
+        send(&mut publications).await;
+    }
+}
+
+/// Awaits the replies of direct publications, in order, to count the failures.
+async fn await_replies(
+    mut replies: mpsc::Receiver<Reply>,
+    in_flight: Arc<InFlight>,
+    losses: Arc<Losses>,
+) {
+    while let Some(reply) = replies.recv().await {
+        if reply.await.is_err() {
+            losses.lost_publications(1, "PUBLISH failed");
+        }
+        in_flight.unanswered.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
