@@ -1,4 +1,4 @@
-//! Presence in Redis (a single server, 7.0 or later), on one dedicated `fred` client that
+//! Presence in Redis (one server, 7.0 or later; with several shards, the first), on one dedicated `fred` client that
 //! reconnects forever (`crate::redis::link::StoreLink`, shared with the backbone and the
 //! history store). While it is disconnected every call fails at once with
 //! [`PresenceError::Unreachable`].
@@ -797,8 +797,15 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceE
             reason: format!("invalid key prefix {prefix:?}: expected [A-Za-z0-9_.:-]+"),
         });
     }
+    // With several servers (the backbone's shards), presence lives whole on the first:
+    // its transitions span a connection's channels in one script, which one server
+    // keeps atomic.
+    let urls = crate::redis::shard_urls(url).map_err(|error| PresenceError::Unavailable {
+        store: NAME,
+        reason: error.to_string(),
+    })?;
     Ok(RedisPresence {
-        link: StoreLink::connect(url, "presence")?,
+        link: StoreLink::connect(&urls[0], "presence")?,
         keys: Value::from(format!("{prefix}|")),
         scripts: Scripts::new(),
     })

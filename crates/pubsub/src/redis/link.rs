@@ -43,9 +43,44 @@ const HEARTBEAT: Duration = Duration::from_secs(3);
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
 
 /// Checks that `url` is a Redis address Chorus can use (`redis://[user:pass@]host[:port][/db]`),
-/// without connecting.
+/// or a comma-separated list of them (shards), without connecting.
 pub fn validate_url(url: &str) -> Result<(), PubsubError> {
-    parse_config(url).map(|_| ())
+    shard_urls(url).map(drop)
+}
+
+/// The addresses in a comma-separated list, in order (the order decides which shard
+/// holds which channel), each checked. Empty entries and the same server named twice
+/// are refused.
+pub fn shard_urls(list: &str) -> Result<Vec<String>, PubsubError> {
+    let mut urls: Vec<String> = Vec::new();
+    // Pub/sub ignores the database number: two databases of one server are one shard.
+    let mut servers: Vec<(String, u16)> = Vec::new();
+    for (index, entry) in list.split(',').enumerate() {
+        let url = entry.trim();
+        if url.is_empty() {
+            return Err(PubsubError::InvalidUrl(format!(
+                "{}: entry {} of the list is empty",
+                redact_url(list),
+                index + 1
+            )));
+        }
+        let config = parse_config(url)?;
+        let server = match &config.server {
+            fred::types::config::ServerConfig::Centralized { server } => {
+                (server.host.to_ascii_lowercase(), server.port)
+            }
+            _ => (url.to_owned(), 0),
+        };
+        if servers.contains(&server) {
+            return Err(PubsubError::InvalidUrl(format!(
+                "{}: the same server is listed twice",
+                redact_url(list)
+            )));
+        }
+        servers.push(server);
+        urls.push(url.to_owned());
+    }
+    Ok(urls)
 }
 
 pub(crate) fn parse_config(url: &str) -> Result<Config, PubsubError> {
@@ -419,7 +454,21 @@ mod tests {
         assert_eq!(validate_url("redis://127.0.0.1:6379"), Ok(()));
         assert_eq!(validate_url("redis://:secret@redis/2"), Ok(()));
         assert_eq!(validate_url("redis://localhost"), Ok(()));
+        assert_eq!(
+            shard_urls("redis://a:1, redis://a:2,redis://b:1/0"),
+            Ok(vec![
+                "redis://a:1".to_owned(),
+                "redis://a:2".to_owned(),
+                "redis://b:1/0".to_owned()
+            ])
+        );
         for bad in [
+            "redis://a:1,",
+            "redis://a:1,,redis://b",
+            "redis://a:1,redis://a:1",
+            "redis://a:1,redis://A:1/1",
+            "redis://a:6379,redis://:pw@a",
+            "redis://a,http://b",
             "",
             "localhost:6379",
             "http://localhost",

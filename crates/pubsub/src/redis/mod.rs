@@ -36,12 +36,13 @@ use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, Value};
 use fred::types::{Message, RespVersion};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::shards::ShardedBackbone;
 use crate::{AbortOnDrop, Backbone, Held, Incoming, Pending, PubsubError, Throttle, redact_url};
 
 pub(crate) mod link;
 
-pub use link::validate_url;
 use link::{NAME, builder, heartbeat, keep_connected, parse_config, spawn};
+pub use link::{shard_urls, validate_url};
 
 /// Publications waiting for the publisher task; more are refused as `Backlogged`.
 const PUBLISH_QUEUE: usize = 8192;
@@ -100,6 +101,27 @@ impl std::fmt::Debug for RedisBackbone {
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
+}
+
+/// Connects to every server in `urls`, a comma-separated list: one server is a
+/// [`RedisBackbone`]; several are the shards of a [`ShardedBackbone`], in list order,
+/// all delivering to `incoming`. Fails only for a malformed list.
+pub async fn connect_shards(
+    urls: &str,
+    incoming: mpsc::Sender<Incoming>,
+) -> Result<Box<dyn Backbone>, PubsubError> {
+    let mut urls = shard_urls(urls)?;
+    if urls.len() == 1 {
+        let url = urls.remove(0);
+        return Ok(Box::new(RedisBackbone::connect(&url, incoming).await?));
+    }
+    let mut shards: Vec<Box<dyn Backbone>> = Vec::with_capacity(urls.len());
+    for url in &urls {
+        shards.push(Box::new(
+            RedisBackbone::connect(url, incoming.clone()).await?,
+        ));
+    }
+    Ok(Box::new(ShardedBackbone::new(shards)))
 }
 
 impl RedisBackbone {
