@@ -94,6 +94,27 @@ impl Server {
         }
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs one command with `redis-cli` against this (Redis) server; its output lines.
+    pub fn redis_cli(&self, args: &[&str]) -> Vec<String> {
+        assert_eq!(self.kind, Kind::Redis, "redis-cli talks to Redis");
+        let output = Command::new(find_binary("redis-cli"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run redis-cli: {error}"));
+        assert!(output.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Starts the server (again) on the same port and waits until it accepts connections.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the server is already running");
