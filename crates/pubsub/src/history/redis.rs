@@ -254,6 +254,8 @@ pub struct RedisHistory {
     links: Vec<StoreLink>,
     /// `"<prefix>|"`, the start of every key.
     prefix: String,
+    /// A Redis Cluster: each channel's keys carry a hash tag (see `start`).
+    tagged: bool,
     scripts: Scripts,
 }
 
@@ -304,8 +306,10 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisHistory, HistoryErr
         .iter()
         .map(|url| StoreLink::connect(url, "history"))
         .collect::<Result<Vec<_>, _>>()?;
+    let tagged = links.iter().any(StoreLink::is_cluster);
     Ok(RedisHistory {
         links,
+        tagged,
         prefix: format!("{prefix}|"),
         scripts: Scripts {
             append: Script::new(APPEND),
@@ -331,18 +335,34 @@ impl RedisHistory {
         &self.links[crate::shards::shard_of(channel, self.links.len())]
     }
 
+    /// The start of `channel`'s keys: `<prefix>|`, and in a Redis Cluster a hash tag
+    /// of the channel (`{<16 hex digits>}`) that puts all of them in one slot, as
+    /// scripts need. The tag is a hash, not the name, because a name may hold braces.
+    fn start(&self, channel: &str) -> String {
+        if self.tagged {
+            format!(
+                "{}{{{:016x}}}",
+                self.prefix,
+                crate::shards::hash(channel.as_bytes())
+            )
+        } else {
+            self.prefix.clone()
+        }
+    }
+
     /// The channel's meta and stream keys, the KEYS every script starts with.
     fn channel_keys(&self, channel: &str) -> Vec<Value> {
+        let start = self.start(channel);
         vec![
-            Value::from(format!("{}hm|{channel}", self.prefix)),
-            Value::from(format!("{}hs|{channel}", self.prefix)),
+            Value::from(format!("{start}hm|{channel}")),
+            Value::from(format!("{start}hs|{channel}")),
         ]
     }
 
     fn idempotency_key(&self, channel: &str, key: &str) -> Value {
         Value::from(format!(
             "{}hi|{}|{channel}|{key}",
-            self.prefix,
+            self.start(channel),
             channel.len()
         ))
     }

@@ -14,7 +14,10 @@
 //! a reaping script run twice would hand its first batch to nobody.
 //!
 //! The scripts build key names from their arguments rather than declaring them as
-//! KEYS: fine on one server, which is what this store supports (not Redis Cluster).
+//! KEYS: fine on one server. In a Redis Cluster the prefix becomes `{<prefix>}`, a hash
+//! tag that puts every key in one slot, and the scripts are sent to that slot's node:
+//! presence lives on one node of the cluster (as it lives on the first of several
+//! shards), because a connection's transitions span its channels atomically.
 //!
 //! # Keys
 //!
@@ -804,9 +807,19 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceE
         store: NAME,
         reason: error.to_string(),
     })?;
+    let mut link = StoreLink::connect(&urls[0], "presence")?;
+    // In a Redis Cluster every key starts with the hash tag `{<prefix>}`: all of them
+    // are in one slot, on one node, as the scripts need (they touch many keys).
+    let keys = if link.is_cluster() {
+        let keys = format!("{{{prefix}}}|");
+        link = link.home(&keys);
+        keys
+    } else {
+        format!("{prefix}|")
+    };
     Ok(RedisPresence {
-        link: StoreLink::connect(&urls[0], "presence")?,
-        keys: Value::from(format!("{prefix}|")),
+        link,
+        keys: Value::from(keys),
         scripts: Scripts::new(),
     })
 }

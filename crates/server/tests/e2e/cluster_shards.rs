@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use chorus_pubsub::shards::shard_of;
 use serde_json::{Value, json};
 
-use crate::backbone::{Kind, Server};
+use crate::backbone::{Kind, RedisCluster, Server};
 use crate::support::{Client, ServerProcess, eventually, http_get, ws_url};
 
 /// `h:` channels keep history and track presence.
@@ -32,14 +32,20 @@ fn shard_list(servers: &[Server]) -> String {
 }
 
 async fn replicas(servers: &[Server], prefix: &str) -> Vec<ServerProcess> {
-    let urls = shard_list(servers);
+    replicas_on(&shard_list(servers), servers.len(), prefix).await
+}
+
+/// Three replicas on `urls` (`WS_REDIS_URL`), which holds `shards` servers (a Redis
+/// Cluster counts as one), each waited for until it is connected and its history store
+/// answers.
+async fn replicas_on(urls: &str, shards: usize, prefix: &str) -> Vec<ServerProcess> {
     let mut processes = Vec::new();
     for i in 0..3 {
         let node_id = format!("{prefix}-{i}");
         let vars = [
             ("WS_PUBSUB_ENABLED", "true"),
             ("WS_PUBSUB_ADAPTER", "redis"),
-            ("WS_REDIS_URL", urls.as_str()),
+            ("WS_REDIS_URL", urls),
             ("WS_PUBSUB_CHANNEL", prefix),
             ("WS_NODE_ID", node_id.as_str()),
             ("WS_NAMESPACES", NAMESPACES),
@@ -48,13 +54,14 @@ async fn replicas(servers: &[Server], prefix: &str) -> Vec<ServerProcess> {
         ];
         processes.push(ServerProcess::spawn(&vars).await);
     }
+    let expected = shards;
     for process in &processes {
         let addr = process.addr;
         eventually("the replica to join every shard", || async move {
             health(addr).await["pubsub"]["shards"]
                 .as_array()
                 .is_some_and(|shards| {
-                    shards.len() == servers.len() && shards.iter().all(|up| up == true)
+                    shards.len() == expected && shards.iter().all(|up| up == true)
                 })
         })
         .await;
@@ -318,4 +325,127 @@ async fn redis_three_shards() {
 #[tokio::test]
 async fn redis_shard_outage_stops_only_its_channels() {
     a_shard_outage_stops_only_its_channels().await;
+}
+
+/// The topic a channel travels on (`WS_PUBSUB_CHANNEL` `/` channel).
+fn topic(prefix: &str, channel: &str) -> String {
+    format!("{prefix}/{channel}")
+}
+
+/// Three replicas on a Redis Cluster of three masters started here: sharded pub/sub
+/// (each node carries only SSUBSCRIBEs of its slots), exactly-once delivery on channels
+/// of every node, history (tagged keys on the node of their slot) and presence.
+#[tokio::test]
+async fn redis_cluster_of_three_masters() {
+    let cluster = RedisCluster::start(3);
+    let prefix = "rcluster";
+    let processes = replicas_on(&cluster.url(), 1, prefix).await;
+    let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
+    let on_node = |namespace: &str, node: usize| -> String {
+        (0..)
+            .map(|i| format!("{namespace}:{i}"))
+            .find(|channel| cluster.node_of(&topic(prefix, channel)) == node)
+            .expect("some channel on every node")
+    };
+    let channels: Vec<String> = (0..3).map(|node| on_node("room", node)).collect();
+
+    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
+    let mut subscribers = Vec::new();
+    for &addr in &addrs[1..] {
+        let mut subscriber = Client::connect_url(&ws_url(addr)).await;
+        for channel in &channels {
+            subscriber
+                .ok("subscribe", json!({"channel": channel}))
+                .await;
+        }
+        subscribers.push(subscriber);
+    }
+    // Sharded pub/sub: each node holds the SSUBSCRIBEs of its own channels only, and
+    // no plain SUBSCRIBE at all.
+    for (node, server) in cluster.nodes.iter().enumerate() {
+        let pattern = format!("{prefix}/*");
+        let held: BTreeSet<String> = server
+            .redis_cli(&["PUBSUB", "SHARDCHANNELS", &pattern])
+            .into_iter()
+            .collect();
+        assert_eq!(
+            held,
+            BTreeSet::from([topic(prefix, &channels[node])]),
+            "node {node}"
+        );
+        assert!(
+            server
+                .redis_cli(&["PUBSUB", "CHANNELS", &pattern])
+                .is_empty(),
+            "node {node} holds no plain subscription"
+        );
+    }
+
+    for (seq, channel) in channels.iter().enumerate() {
+        publisher
+            .ok("publish", json!({"channel": channel, "data": seq}))
+            .await;
+    }
+    publisher.ok("broadcast", json!({"hello": "cluster"})).await;
+    let mut wanted: Vec<String> = channels
+        .iter()
+        .enumerate()
+        .map(|(seq, channel)| json!({"channel": channel, "data": seq}).to_string())
+        .collect();
+    wanted.push(json!({"hello": "cluster"}).to_string());
+    wanted.sort();
+    for subscriber in &mut subscribers {
+        let mut got = Vec::new();
+        for _ in 0..wanted.len() {
+            got.push(subscriber.recv().await["params"].to_string());
+        }
+        got.sort();
+        assert_eq!(got, wanted);
+        subscriber.assert_nothing_pending().await;
+    }
+
+    // History and presence on a channel of every node.
+    let mut reader = Client::connect_url(&ws_url(addrs[2])).await;
+    for node in 0..3 {
+        let channel = on_node("h", node);
+        let mut member = Client::connect_url(&ws_url(addrs[1])).await;
+        member.ok("subscribe", json!({"channel": channel})).await;
+        for data in ["one", "two"] {
+            publisher
+                .ok(
+                    "publish",
+                    json!({"channel": channel, "data": data, "idempotency_key": data}),
+                )
+                .await;
+        }
+        let page = reader.ok("history", json!({"channel": channel})).await;
+        let data: Vec<&Value> = page["publications"]
+            .as_array()
+            .expect("publications")
+            .iter()
+            .map(|publication| &publication["data"])
+            .collect();
+        assert_eq!(data, [&json!("one"), &json!("two")], "{page}");
+        let first = &page["publications"][0];
+        let recovered = reader
+            .ok(
+                "subscribe",
+                json!({"channel": channel, "since": {"offset": first["offset"], "epoch": page["epoch"]}}),
+            )
+            .await;
+        assert_eq!(recovered["recovered"], true, "{recovered}");
+        assert_eq!(recovered["publications"][0]["data"], "two", "{recovered}");
+        eventually("the member to appear in presence", || {
+            let channel = channel.clone();
+            let addr = addrs[0];
+            async move {
+                let mut client = Client::connect(addr).await;
+                let reply = client.call("presence", json!({"channel": channel})).await;
+                reply["result"]["clients"]
+                    .as_array()
+                    .is_some_and(|clients| !clients.is_empty())
+            }
+        })
+        .await;
+    }
 }
