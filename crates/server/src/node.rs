@@ -514,13 +514,20 @@ impl ClusterNode {
         self.backbone.as_ref().map_or(
             BackboneSnapshot {
                 connected: true,
+                shards: 1,
+                shards_connected: 1,
                 dropped_published: 0,
                 dropped_received: 0,
             },
-            |backbone| BackboneSnapshot {
-                connected: backbone.is_connected(),
-                dropped_published: backbone.dropped_published(),
-                dropped_received: backbone.dropped_received(),
+            |backbone| {
+                let shards = backbone.shards_connected();
+                BackboneSnapshot {
+                    connected: backbone.is_connected(),
+                    shards: shards.len(),
+                    shards_connected: shards.iter().filter(|up| **up).count(),
+                    dropped_published: backbone.dropped_published(),
+                    dropped_received: backbone.dropped_received(),
+                }
             },
         )
     }

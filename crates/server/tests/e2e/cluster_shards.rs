@@ -10,7 +10,7 @@ use chorus_pubsub::shards::shard_of;
 use serde_json::{Value, json};
 
 use crate::backbone::{Kind, RedisCluster, Server};
-use crate::support::{Client, ServerProcess, eventually, http_get, ws_url};
+use crate::support::{Client, ServerProcess, eventually, http_get, metric, ws_url};
 
 /// `h:` channels keep history and track presence.
 const NAMESPACES: &str = r#"{"h": {"history_size": 10, "presence": true}}"#;
@@ -268,6 +268,14 @@ async fn a_shard_outage_stops_only_its_channels() {
     .await;
     // The replica stays in rotation: it still serves the other shards' channels.
     assert_eq!(http_get(addrs[0], "/ready").await.0, 200);
+    assert_eq!(
+        metric(addrs[0], r#"ws_pubsub_shards_connected{adapter="redis"}"#).await,
+        2.0
+    );
+    assert_eq!(
+        metric(addrs[0], r#"ws_pubsub_shards{adapter="redis"}"#).await,
+        3.0
+    );
     let reply = publisher
         .call("publish", json!({"channel": down, "data": "lost"}))
         .await;
