@@ -15,6 +15,7 @@ pub mod local;
 pub mod nats;
 pub mod presence;
 pub mod redis;
+pub mod shards;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -141,8 +142,22 @@ pub trait Backbone: Send + Sync + 'static {
     /// The adapter's name, used in metrics and `/health`.
     fn adapter(&self) -> &'static str;
 
-    /// Whether the adapter currently holds a working connection.
+    /// Whether the adapter currently holds a working connection (every one, when it
+    /// spreads topics over several servers).
     fn is_connected(&self) -> bool;
+
+    /// Whether the connection that carries `topic` works: with several servers, one
+    /// that is down only stops its own topics.
+    fn topic_connected(&self, topic: &str) -> bool {
+        let _ = topic;
+        self.is_connected()
+    }
+
+    /// Whether each server the adapter uses is connected, in configured order (one
+    /// entry for an adapter with one server).
+    fn shards_connected(&self) -> Vec<bool> {
+        vec![self.is_connected()]
+    }
 
     /// Queues `payload` for `topic`.
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PubsubError>;
@@ -159,6 +174,12 @@ pub trait Backbone: Send + Sync + 'static {
     /// holder of a confirmation from an older connection knows to ask again.
     fn generation(&self) -> u64 {
         0
+    }
+
+    /// [`Backbone::generation`] of the connection that carries `topic`.
+    fn topic_generation(&self, topic: &str) -> u64 {
+        let _ = topic;
+        self.generation()
     }
 
     /// Resolves once every publication accepted so far has been handed to the

@@ -16,7 +16,6 @@ use chorus_pubsub::now_ms;
 use chorus_pubsub::presence::PresenceStore;
 use chorus_pubsub::presence::memory::MemoryPresence;
 use chorus_pubsub::presence::nats::NatsPresence;
-use chorus_pubsub::redis::RedisBackbone;
 use chorus_rpc::{Router, Services, notification};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -459,9 +458,11 @@ async fn connect_backbone(
     let backbone: Arc<dyn chorus_pubsub::Backbone> = match &config.cluster.backbone {
         Backbone::Standalone => return Ok(None),
         Backbone::Local => Arc::new(bus.unwrap_or_default().attach(inbox)),
-        Backbone::Redis { url } => {
-            Arc::new(RedisBackbone::connect(url, inbox).await.map_err(failed)?)
-        }
+        Backbone::Redis { url } => Arc::from(
+            chorus_pubsub::redis::connect_shards(url, inbox)
+                .await
+                .map_err(failed)?,
+        ),
         Backbone::Nats { url } => {
             Arc::new(NatsBackbone::connect(url, inbox).await.map_err(failed)?)
         }

@@ -126,7 +126,13 @@ fn health(app: &App) -> Response<Body> {
             "node_id": app.node.node_id(),
             "node_id_conflict": twin,
             "connections": app.connections(),
-            "pubsub": {"adapter": app.config.cluster.backbone.adapter(), "enabled": backbone.is_some(), "connected": connected},
+            "pubsub": {
+                "adapter": app.config.cluster.backbone.adapter(),
+                "enabled": backbone.is_some(),
+                "connected": connected,
+                // Per server, in WS_REDIS_URL order: [true] with one server.
+                "shards": app.node.backbone_shards().unwrap_or_default(),
+            },
             "presence": {"store": app.node.presence().store().name(), "problem": presence_problem},
             "history": {"store": history_store.name(), "problem": history_problem},
             "uptime_s": app.started.elapsed().as_secs(),
@@ -142,7 +148,14 @@ pub(crate) fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
 fn ready(app: &App) -> Response<Body> {
     if app.is_draining() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if app.node.backbone_connected() == Some(false) {
+    } else if app
+        .node
+        .backbone_shards()
+        .is_some_and(|shards| !shards.contains(&true))
+    {
+        // With several shards, one that is down only stops its own channels: the
+        // replica still serves the others, and taking every replica out of rotation
+        // would turn that partial outage into a full one. /health says degraded.
         text(
             StatusCode::SERVICE_UNAVAILABLE,
             "pubsub backbone disconnected\n",

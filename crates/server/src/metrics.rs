@@ -33,6 +33,9 @@ pub struct PubsubMetrics {
     pub received: IntCounter,
     pub errors: IntCounter,
     pub connected: IntGauge,
+    /// Backbone servers (shards) configured, and how many are connected.
+    shards: IntGauge,
+    shards_connected: IntGauge,
     pub latency: Histogram,
     /// Envelopes from another process carrying this replica's node id.
     pub node_id_conflicts: IntCounter,
@@ -44,6 +47,9 @@ pub struct PubsubMetrics {
 /// adapter's own loss totals since start.
 pub struct BackboneSnapshot {
     pub connected: bool,
+    /// Servers (shards) the backbone uses, and how many of them are connected.
+    pub shards: usize,
+    pub shards_connected: usize,
     pub dropped_published: u64,
     pub dropped_received: u64,
 }
@@ -52,6 +58,10 @@ impl PubsubMetrics {
     /// Brings the scrape-time series up to the adapter's own counters.
     pub fn observe(&self, snapshot: &BackboneSnapshot) {
         self.connected.set(i64::from(snapshot.connected));
+        self.shards
+            .set(i64::try_from(snapshot.shards).unwrap_or(i64::MAX));
+        self.shards_connected
+            .set(i64::try_from(snapshot.shards_connected).unwrap_or(i64::MAX));
         let totals = [snapshot.dropped_published, snapshot.dropped_received];
         // One lock for both counters: the read-then-add must not interleave.
         static SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -221,6 +231,22 @@ impl Metrics {
             &["adapter"],
         )?;
         registry.register(Box::new(connected_vec.clone()))?;
+        let shards_vec = IntGaugeVec::new(
+            Opts::new(
+                "ws_pubsub_shards",
+                "Backbone servers configured (WS_REDIS_URL entries; 1 otherwise)",
+            ),
+            &["adapter"],
+        )?;
+        registry.register(Box::new(shards_vec.clone()))?;
+        let shards_connected_vec = IntGaugeVec::new(
+            Opts::new(
+                "ws_pubsub_shards_connected",
+                "Backbone servers currently connected: below ws_pubsub_shards, the channels of the others stop",
+            ),
+            &["adapter"],
+        )?;
+        registry.register(Box::new(shards_connected_vec.clone()))?;
         let latency_vec = HistogramVec::new(
             HistogramOpts::new(
                 "ws_pubsub_latency_seconds",
@@ -340,6 +366,8 @@ impl Metrics {
                 received,
                 errors,
                 connected: connected_vec.with_label_values(&[adapter]),
+                shards: shards_vec.with_label_values(&[adapter]),
+                shards_connected: shards_connected_vec.with_label_values(&[adapter]),
                 latency: latency_vec.with_label_values(&[adapter]),
                 node_id_conflicts,
                 dropped: [
@@ -475,6 +503,8 @@ mod tests {
             "ws_pubsub_received_total{adapter=\"local\"}",
             "ws_pubsub_errors_total{adapter=\"local\"}",
             "ws_pubsub_connected{adapter=\"local\"}",
+            "ws_pubsub_shards{adapter=\"local\"}",
+            "ws_pubsub_shards_connected{adapter=\"local\"}",
             "ws_pubsub_latency_seconds_bucket{adapter=\"local\"",
             "ws_pubsub_dropped_total{adapter=\"local\",direction=\"published\"}",
             "ws_pubsub_dropped_total{adapter=\"local\",direction=\"received\"}",

@@ -504,6 +504,14 @@ impl ClusterNode {
             .map(|backbone| backbone.is_connected())
     }
 
+    /// `Some(connected)` per backbone server (shard), in configured order; `None` when
+    /// standalone.
+    pub fn backbone_shards(&self) -> Option<Vec<bool>> {
+        self.backbone
+            .as_ref()
+            .map(|backbone| backbone.shards_connected())
+    }
+
     /// Whether another process with this node id was heard from recently: two
     /// replicas sharing an id drop each other's echoes and confuse every operator.
     pub fn twin_node_id_seen(&self) -> bool {
@@ -516,13 +524,20 @@ impl ClusterNode {
         self.backbone.as_ref().map_or(
             BackboneSnapshot {
                 connected: true,
+                shards: 1,
+                shards_connected: 1,
                 dropped_published: 0,
                 dropped_received: 0,
             },
-            |backbone| BackboneSnapshot {
-                connected: backbone.is_connected(),
-                dropped_published: backbone.dropped_published(),
-                dropped_received: backbone.dropped_received(),
+            |backbone| {
+                let shards = backbone.shards_connected();
+                BackboneSnapshot {
+                    connected: backbone.is_connected(),
+                    shards: shards.len(),
+                    shards_connected: shards.iter().filter(|up| **up).count(),
+                    dropped_published: backbone.dropped_published(),
+                    dropped_received: backbone.dropped_received(),
+                }
             },
         )
     }
@@ -613,12 +628,14 @@ impl ClusterNode {
         let Some(backbone) = &self.backbone else {
             return Subscribed::Cluster;
         };
-        if !backbone.is_connected() {
+        // With several shards, only the one that carries this topic matters.
+        let topic = self.topics.of(&interest);
+        if !backbone.topic_connected(&topic) {
             // Taken as soon as the backbone is back.
             self.interest.mark(interest);
             return Subscribed::LocalOnly;
         }
-        let generation = backbone.generation();
+        let generation = backbone.topic_generation(&topic);
         let (waiter, answer) = oneshot::channel();
         {
             let mut shard = self.confirmations.shard(&interest);
@@ -653,7 +670,7 @@ impl ClusterNode {
         let Some(backbone) = &self.backbone else {
             return Delivery::Cluster;
         };
-        if !backbone.is_connected() {
+        if !topics.iter().any(|topic| backbone.topic_connected(topic)) {
             self.metrics.errors.inc();
             return Delivery::LocalOnly;
         }
@@ -1367,7 +1384,7 @@ async fn reconcile_interest(
         for interest in changes.take() {
             let wanted = interest.wanted(&node.hub);
             let topic = node.topics.of(&interest);
-            let generation = backbone.generation();
+            let generation = backbone.topic_generation(&topic);
             if wanted
                 && (!held.contains(&interest)
                     || node.confirmations.needs_answer(&interest, generation))
@@ -1422,7 +1439,12 @@ async fn heartbeat(node: Weak<ClusterNode>) {
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        if node.backbone_connected() == Some(true) {
+        let broadcast = node.topics.broadcast();
+        if node
+            .backbone
+            .as_ref()
+            .is_some_and(|backbone| backbone.topic_connected(broadcast))
+        {
             let envelope = node.envelope(Kind::Heartbeat, String::new(), Bytes::new());
             node.send_to_cluster(&envelope, &[node.topics.broadcast().to_owned()]);
         }

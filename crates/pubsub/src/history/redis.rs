@@ -1,4 +1,4 @@
-//! History in Redis Streams (a single server, 7.0 or later), on one dedicated `fred`
+//! History in Redis Streams (7.0 or later; with several shards, each channel on its own), on one dedicated `fred`
 //! client that reconnects forever (`crate::redis::link::StoreLink`, the machinery
 //! shared with the backbone and the presence store). While it is disconnected every call fails at once
 //! with [`HistoryError::Unreachable`].
@@ -248,10 +248,14 @@ struct Scripts {
 /// History in a Redis server, shared by every replica of a cluster that uses the same
 /// server and prefix.
 pub struct RedisHistory {
-    /// Fails every call at once while disconnected, and never writes a command twice.
-    link: StoreLink,
+    /// One per shard, in configured order; a channel's history is on
+    /// `links[shard_of(channel)]`, the shard that carries the channel's topic. Each
+    /// fails every call at once while disconnected, and never writes a command twice.
+    links: Vec<StoreLink>,
     /// `"<prefix>|"`, the start of every key.
     prefix: String,
+    /// A Redis Cluster: each channel's keys carry a hash tag (see `start`).
+    tagged: bool,
     scripts: Scripts,
 }
 
@@ -280,7 +284,10 @@ impl From<Failure> for HistoryError {
 }
 
 /// Starts connecting to the Redis server at `url` and returns at once; keys start with
-/// `prefix` (the cluster's topic prefix, `[A-Za-z0-9_.:-]+`).
+/// `prefix` (the cluster's topic prefix, `[A-Za-z0-9_.:-]+`). `url` may be a
+/// comma-separated list of servers (the backbone's shards, in the same order): each
+/// channel's history then lives on the server that carries the channel's topic
+/// ([`crate::shards`]).
 ///
 /// Fails only for a malformed URL or prefix. A server that is down is retried forever;
 /// meanwhile calls fail with [`HistoryError::Unreachable`].
@@ -291,8 +298,18 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisHistory, HistoryErr
             reason: format!("invalid key prefix {prefix:?}: expected [A-Za-z0-9_.:-]+"),
         });
     }
+    let urls = crate::redis::shard_urls(url).map_err(|error| HistoryError::Unavailable {
+        store: NAME,
+        reason: error.to_string(),
+    })?;
+    let links = urls
+        .iter()
+        .map(|url| StoreLink::connect(url, "history"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tagged = links.iter().any(StoreLink::is_cluster);
     Ok(RedisHistory {
-        link: StoreLink::connect(url, "history")?,
+        links,
+        tagged,
         prefix: format!("{prefix}|"),
         scripts: Scripts {
             append: Script::new(APPEND),
@@ -303,28 +320,49 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisHistory, HistoryErr
 }
 
 impl RedisHistory {
-    /// Whether the connection to Redis is up.
+    /// Whether the connection to every Redis server is up.
     pub fn is_connected(&self) -> bool {
-        self.link.is_connected()
+        self.links.iter().all(StoreLink::is_connected)
     }
 
-    /// Waits until the connection is up, for at most `timeout`; returns whether it is.
+    /// Waits until every connection is up, for at most `timeout`; returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        self.link.wait_connected(timeout).await
+        crate::poll_until(timeout, Duration::from_millis(10), || self.is_connected()).await
+    }
+
+    /// The connection to the server that holds `channel`'s history.
+    fn link(&self, channel: &str) -> &StoreLink {
+        &self.links[crate::shards::shard_of(channel, self.links.len())]
+    }
+
+    /// The start of `channel`'s keys: `<prefix>|`, and in a Redis Cluster a hash tag
+    /// of the channel (`{<16 hex digits>}`) that puts all of them in one slot, as
+    /// scripts need. The tag is a hash, not the name, because a name may hold braces.
+    fn start(&self, channel: &str) -> String {
+        if self.tagged {
+            format!(
+                "{}{{{:016x}}}",
+                self.prefix,
+                crate::shards::hash(channel.as_bytes())
+            )
+        } else {
+            self.prefix.clone()
+        }
     }
 
     /// The channel's meta and stream keys, the KEYS every script starts with.
     fn channel_keys(&self, channel: &str) -> Vec<Value> {
+        let start = self.start(channel);
         vec![
-            Value::from(format!("{}hm|{channel}", self.prefix)),
-            Value::from(format!("{}hs|{channel}", self.prefix)),
+            Value::from(format!("{start}hm|{channel}")),
+            Value::from(format!("{start}hs|{channel}")),
         ]
     }
 
     fn idempotency_key(&self, channel: &str, key: &str) -> Value {
         Value::from(format!(
             "{}hi|{}|{channel}|{key}",
-            self.prefix,
+            self.start(channel),
             channel.len()
         ))
     }
@@ -394,7 +432,11 @@ impl HistoryStore for RedisHistory {
                 ttl_arg(retention.ttl),
                 key_ttl,
             ];
-            let reply = array(self.link.run(&self.scripts.append, keys, args).await?)?;
+            let reply = array(
+                self.link(channel)
+                    .run(&self.scripts.append, keys, args)
+                    .await?,
+            )?;
             let [duplicate, offset, epoch] = reply.as_slice() else {
                 return Err(short("append").into());
             };
@@ -409,7 +451,11 @@ impl HistoryStore for RedisHistory {
         Box::pin(async move {
             let keys = self.channel_keys(channel);
             let args = vec![Value::from(new_epoch())];
-            let reply = array(self.link.run(&self.scripts.position, keys, args).await?)?;
+            let reply = array(
+                self.link(channel)
+                    .run(&self.scripts.position, keys, args)
+                    .await?,
+            )?;
             let [offset, epoch] = reply.as_slice() else {
                 return Err(short("position").into());
             };
@@ -444,7 +490,11 @@ impl HistoryStore for RedisHistory {
                 Value::from(limit.to_string()),
             ];
             let keys = self.channel_keys(channel);
-            let reply = array(self.link.run(&self.scripts.read, keys, args).await?)?;
+            let reply = array(
+                self.link(channel)
+                    .run(&self.scripts.read, keys, args)
+                    .await?,
+            )?;
             let mut reply = reply.into_iter();
             let (Some(offset), Some(epoch), Some(oldest)) =
                 (reply.next(), reply.next(), reply.next())
@@ -481,7 +531,7 @@ impl HistoryStore for RedisHistory {
                 Value::from(expiry_ms(ttl).to_string()),
             ];
             // "OK" when set, nil when the key was already there.
-            let reply = self.link.command("SET", args).await?;
+            let reply = self.link(channel).command("SET", args).await?;
             Ok(!reply.is_null())
         })
     }

@@ -1,4 +1,4 @@
-//! Presence in Redis (a single server, 7.0 or later), on one dedicated `fred` client that
+//! Presence in Redis (one server, 7.0 or later; with several shards, the first), on one dedicated `fred` client that
 //! reconnects forever (`crate::redis::link::StoreLink`, shared with the backbone and the
 //! history store). While it is disconnected every call fails at once with
 //! [`PresenceError::Unreachable`].
@@ -14,7 +14,10 @@
 //! a reaping script run twice would hand its first batch to nobody.
 //!
 //! The scripts build key names from their arguments rather than declaring them as
-//! KEYS: fine on one server, which is what this store supports (not Redis Cluster).
+//! KEYS: fine on one server. In a Redis Cluster the prefix becomes `{<prefix>}`, a hash
+//! tag that puts every key in one slot, and the scripts are sent to that slot's node:
+//! presence lives on one node of the cluster (as it lives on the first of several
+//! shards), because a connection's transitions span its channels atomically.
 //!
 //! # Keys
 //!
@@ -797,9 +800,26 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceE
             reason: format!("invalid key prefix {prefix:?}: expected [A-Za-z0-9_.:-]+"),
         });
     }
+    // With several servers (the backbone's shards), presence lives whole on the first:
+    // its transitions span a connection's channels in one script, which one server
+    // keeps atomic.
+    let urls = crate::redis::shard_urls(url).map_err(|error| PresenceError::Unavailable {
+        store: NAME,
+        reason: error.to_string(),
+    })?;
+    let mut link = StoreLink::connect(&urls[0], "presence")?;
+    // In a Redis Cluster every key starts with the hash tag `{<prefix>}`: all of them
+    // are in one slot, on one node, as the scripts need (they touch many keys).
+    let keys = if link.is_cluster() {
+        let keys = format!("{{{prefix}}}|");
+        link = link.home(&keys);
+        keys
+    } else {
+        format!("{prefix}|")
+    };
     Ok(RedisPresence {
-        link: StoreLink::connect(url, "presence")?,
-        keys: Value::from(format!("{prefix}|")),
+        link,
+        keys: Value::from(keys),
         scripts: Scripts::new(),
     })
 }

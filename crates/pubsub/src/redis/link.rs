@@ -43,9 +43,51 @@ const HEARTBEAT: Duration = Duration::from_secs(3);
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
 
 /// Checks that `url` is a Redis address Chorus can use (`redis://[user:pass@]host[:port][/db]`),
-/// without connecting.
+/// or a comma-separated list of them (shards), without connecting.
 pub fn validate_url(url: &str) -> Result<(), PubsubError> {
-    parse_config(url).map(|_| ())
+    shard_urls(url).map(drop)
+}
+
+/// The addresses in a comma-separated list, in order (the order decides which shard
+/// holds which channel), each checked. Empty entries and the same server named twice
+/// are refused.
+pub fn shard_urls(list: &str) -> Result<Vec<String>, PubsubError> {
+    let mut urls: Vec<String> = Vec::new();
+    // Pub/sub ignores the database number: two databases of one server are one shard.
+    let mut servers: Vec<(String, u16)> = Vec::new();
+    for (index, entry) in list.split(',').enumerate() {
+        let url = entry.trim();
+        if url.is_empty() {
+            return Err(PubsubError::InvalidUrl(format!(
+                "{}: entry {} of the list is empty",
+                redact_url(list),
+                index + 1
+            )));
+        }
+        let config = parse_config(url)?;
+        if is_cluster(&config) && list.contains(',') {
+            return Err(PubsubError::InvalidUrl(format!(
+                "{}: a redis-cluster:// URL must be the only entry (name more seed nodes \
+                 with ?node=host:port)",
+                redact_url(list)
+            )));
+        }
+        let server = match &config.server {
+            fred::types::config::ServerConfig::Centralized { server } => {
+                (server.host.to_ascii_lowercase(), server.port)
+            }
+            _ => (url.to_owned(), 0),
+        };
+        if servers.contains(&server) {
+            return Err(PubsubError::InvalidUrl(format!(
+                "{}: the same server is listed twice",
+                redact_url(list)
+            )));
+        }
+        servers.push(server);
+        urls.push(url.to_owned());
+    }
+    Ok(urls)
 }
 
 pub(crate) fn parse_config(url: &str) -> Result<Config, PubsubError> {
@@ -55,12 +97,30 @@ pub(crate) fn parse_config(url: &str) -> Result<Config, PubsubError> {
         .map(|(scheme, _)| scheme.to_ascii_lowercase())
         .ok_or_else(|| invalid("expected redis://host:port"))?;
     match scheme.as_str() {
-        "redis" | "valkey" => {}
+        "redis" | "valkey" => {
+            Config::from_url_centralized(url).map_err(|error| invalid(error.details()))
+        }
+        // A Redis Cluster: one or more seed nodes, the rest found with CLUSTER SLOTS.
+        "redis-cluster" | "valkey-cluster" => {
+            Config::from_url_clustered(url).map_err(|error| invalid(error.details()))
+        }
         // Without a TLS feature fred would warn and then talk plain text to a TLS port.
-        "rediss" | "valkeys" => return Err(invalid("TLS is not supported by this build")),
-        _ => return Err(invalid("expected the redis:// scheme (a single server)")),
+        "rediss" | "valkeys" | "rediss-cluster" | "valkeys-cluster" => {
+            Err(invalid("TLS is not supported by this build"))
+        }
+        _ => Err(invalid(
+            "expected redis://host:port (one server or a comma-separated list of shards) or \
+             redis-cluster://host:port[?node=host:port...] (a Redis Cluster)",
+        )),
     }
-    Config::from_url_centralized(url).map_err(|error| invalid(error.details()))
+}
+
+/// Whether `config` names a Redis Cluster (sharded pub/sub, keys by hash slot).
+pub(crate) fn is_cluster(config: &Config) -> bool {
+    matches!(
+        config.server,
+        fred::types::config::ServerConfig::Clustered { .. }
+    )
 }
 
 pub(crate) fn builder(config: Config, broadcast_capacity: Option<usize>) -> Builder {
@@ -210,6 +270,12 @@ pub(crate) struct StoreLink {
     /// replay one whose reply a dropped connection lost, and a script that is not
     /// idempotent (reaping, appending) must not run twice.
     options: Options,
+    /// A Redis Cluster: commands go to the node that holds their keys' slot, and
+    /// scripts are sent whole (EVAL): a SCRIPT LOAD would reach only one node.
+    cluster: bool,
+    /// In a cluster, the slot of scripts that declare no KEYS (they build every key
+    /// name with the same hash tag); see [`StoreLink::home`].
+    home: Option<u16>,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -226,6 +292,7 @@ impl StoreLink {
     /// Fails only for a malformed URL.
     pub(crate) fn connect(url: &str, role: &'static str) -> Result<Self, Failure> {
         let config = parse_config(url).map_err(|error| Failure::Unavailable(error.to_string()))?;
+        let cluster = is_cluster(&config);
         let client = builder(config, None).build().map_err(|error| {
             Failure::Unavailable(format!("invalid Redis configuration: {}", error.details()))
         })?;
@@ -245,8 +312,21 @@ impl StoreLink {
                 fail_fast: true,
                 ..Options::default()
             },
+            cluster,
+            home: None,
             _tasks: tasks,
         })
+    }
+
+    /// Whether this is a connection to a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Sends scripts without KEYS to the node that holds `key`'s slot (a cluster only).
+    pub(crate) fn home(mut self, key: &str) -> Self {
+        self.home = Some(fred::util::redis_keyslot(key.as_bytes()));
+        self
     }
 
     /// Whether the connection to Redis is up.
@@ -268,7 +348,9 @@ impl StoreLink {
         if !self.is_connected() {
             return Err(Failure::Unreachable);
         }
-        self.custom(name, args)
+        // A plain command's first argument is its key.
+        let route = args.first().map_or(ClusterHash::Random, slot_of);
+        self.custom(name, route, args)
             .await
             .map_err(|error| failure(&error))
     }
@@ -286,11 +368,25 @@ impl StoreLink {
             return Err(Failure::Unreachable);
         }
         let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
-        // Placeholder for the SHA-1, set per attempt.
+        // Route by the first key's slot (computed here: what fred would hash is not
+        // the key for a custom command), or by the home slot.
+        let route = match (keys.first(), self.home) {
+            (Some(key), _) => slot_of(key),
+            (None, Some(slot)) => ClusterHash::Custom(slot),
+            (None, None) => ClusterHash::Random,
+        };
+        // Placeholder for the SHA-1 (or the source), set per attempt.
         argv.push(Value::Null);
         argv.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
         argv.extend(keys);
         argv.extend(args);
+        if self.cluster {
+            argv[0] = Value::from(script.source);
+            return self
+                .custom("EVAL", route, argv)
+                .await
+                .map_err(|e| failure(&e));
+        }
         let sha = match script.sha.get() {
             Some(sha) => sha.clone(),
             None => self.load(script).await?,
@@ -307,7 +403,8 @@ impl StoreLink {
     async fn evalsha(&self, sha: &str, argv: &mut [Value]) -> Result<Value, FredError> {
         argv[0] = Value::from(sha);
         // fred's `WithOptions` has no `LuaInterface`: send EVALSHA as a custom command.
-        self.custom("EVALSHA", argv.to_vec()).await
+        self.custom("EVALSHA", ClusterHash::Random, argv.to_vec())
+            .await
     }
 
     /// SCRIPT LOAD; returns (and remembers) the script's SHA-1.
@@ -315,6 +412,7 @@ impl StoreLink {
         let reply = self
             .custom(
                 "SCRIPT",
+                ClusterHash::Random,
                 vec![Value::from("LOAD"), Value::from(script.source)],
             )
             .await
@@ -323,15 +421,24 @@ impl StoreLink {
         Ok(script.sha.get_or_init(|| sha).clone())
     }
 
-    async fn custom(&self, name: &'static str, args: Vec<Value>) -> Result<Value, FredError> {
+    async fn custom(
+        &self,
+        name: &'static str,
+        route: ClusterHash,
+        args: Vec<Value>,
+    ) -> Result<Value, FredError> {
         self.client
             .with_options(&self.options)
-            .custom(
-                CustomCommand::new_static(name, ClusterHash::Random, false),
-                args,
-            )
+            .custom(CustomCommand::new_static(name, route, false), args)
             .await
     }
+}
+
+/// The hash slot of a key.
+fn slot_of(key: &Value) -> ClusterHash {
+    bytes(key).map_or(ClusterHash::Random, |key| {
+        ClusterHash::Custom(fred::util::redis_keyslot(key))
+    })
 }
 
 /// Keeps `up` up to date: fred reports every lost connection and every failed
@@ -422,7 +529,28 @@ mod tests {
         assert_eq!(validate_url("redis://127.0.0.1:6379"), Ok(()));
         assert_eq!(validate_url("redis://:secret@redis/2"), Ok(()));
         assert_eq!(validate_url("redis://localhost"), Ok(()));
+        assert_eq!(
+            validate_url("redis-cluster://:pw@a:7000?node=b:7001&node=c:7002"),
+            Ok(())
+        );
+        assert_eq!(
+            shard_urls("redis://a:1, redis://a:2,redis://b:1/0"),
+            Ok(vec![
+                "redis://a:1".to_owned(),
+                "redis://a:2".to_owned(),
+                "redis://b:1/0".to_owned()
+            ])
+        );
         for bad in [
+            "redis://a:1,",
+            "redis://a:1,,redis://b",
+            "redis://a:1,redis://a:1",
+            "redis-cluster://a:1,redis://b:1",
+            "redis://b:1,redis-cluster://a:1",
+            "rediss-cluster://a:1",
+            "redis://a:1,redis://A:1/1",
+            "redis://a:6379,redis://:pw@a",
+            "redis://a,http://b",
             "",
             "localhost:6379",
             "http://localhost",

@@ -3,6 +3,11 @@
 //!
 //! Redis channel names are binary safe, so topics are used as they are.
 //!
+//! With a `redis-cluster://` URL the same adapter talks to a Redis Cluster with sharded
+//! pub/sub: SPUBLISH, and SSUBSCRIBE/SUNSUBSCRIBE grouped by hash slot, each sent (and
+//! confirmed by a PING routed by the same slot) on the connection to the slot's node.
+//! Several `redis://` servers are shards of one [`ShardedBackbone`] ([`connect_shards`]).
+//!
 //! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
 //! - a publication made while none is queued or awaiting its reply goes straight into
 //!   fred's command queue, so at light load it makes no hop of our own; a task awaits
@@ -46,12 +51,15 @@ use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::adapter::{CommandQueues, Commands, Losses, Outbound, SubscriptionOp, worker_of};
+use crate::shards::ShardedBackbone;
 use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, redact_url};
 
 pub(crate) mod link;
 
-pub use link::validate_url;
-use link::{COMMAND_TIMEOUT, NAME, builder, heartbeat, keep_connected, parse_config, spawn};
+use link::{
+    COMMAND_TIMEOUT, NAME, builder, heartbeat, is_cluster, keep_connected, parse_config, spawn,
+};
+pub use link::{shard_urls, validate_url};
 
 /// Most publications sent in one pipeline.
 const MAX_BATCH: usize = 256;
@@ -77,6 +85,8 @@ struct InFlight {
 
 /// A replica's connection to a Redis server used as the cluster backbone.
 pub struct RedisBackbone {
+    /// A Redis Cluster: SPUBLISH instead of PUBLISH.
+    sharded: bool,
     publisher: fred::clients::Client,
     subscriber: SubscriberClient,
     commands: Commands,
@@ -96,6 +106,22 @@ impl std::fmt::Debug for RedisBackbone {
     }
 }
 
+/// Connects to every server in `urls`, a comma-separated list: one server is a
+/// [`RedisBackbone`]; several are the shards of a [`ShardedBackbone`], in list order,
+/// all delivering to `inbox`. Fails only for a malformed list.
+pub async fn connect_shards(urls: &str, inbox: Inbox) -> Result<Box<dyn Backbone>, PubsubError> {
+    let mut urls = shard_urls(urls)?;
+    if urls.len() == 1 {
+        let url = urls.remove(0);
+        return Ok(Box::new(RedisBackbone::connect(&url, inbox).await?));
+    }
+    let mut shards: Vec<Box<dyn Backbone>> = Vec::with_capacity(urls.len());
+    for url in &urls {
+        shards.push(Box::new(RedisBackbone::connect(url, inbox.clone()).await?));
+    }
+    Ok(Box::new(ShardedBackbone::new(shards)))
+}
+
 impl RedisBackbone {
     /// Starts connecting to the Redis server at `url` and returns at once; messages on
     /// subscribed topics go to `inbox`.
@@ -104,6 +130,9 @@ impl RedisBackbone {
     /// adapter reports itself disconnected until it gets through.
     pub async fn connect(url: &str, inbox: Inbox) -> Result<Self, PubsubError> {
         let config = parse_config(url)?;
+        // A Redis Cluster: sharded pub/sub (SPUBLISH, SSUBSCRIBE), each channel on the
+        // node of its slot.
+        let sharded = is_cluster(&config);
         let invalid = |error: fred::error::Error| {
             PubsubError::InvalidUrl(format!("{}: {}", redact_url(url), error.details()))
         };
@@ -144,6 +173,7 @@ impl RedisBackbone {
                 publications,
                 Arc::clone(&in_flight),
                 Arc::clone(&losses),
+                sharded,
             )),
             spawn(await_replies(
                 reply_rx,
@@ -151,6 +181,7 @@ impl RedisBackbone {
                 Arc::clone(&losses),
             )),
             spawn(subscription_loop(
+                sharded,
                 subscriber.clone(),
                 subscriptions,
                 reconnects,
@@ -171,6 +202,7 @@ impl RedisBackbone {
             )));
         }
         Ok(Self {
+            sharded,
             publisher,
             subscriber,
             commands,
@@ -187,10 +219,17 @@ impl RedisBackbone {
     fn publish_directly(&self, topic: &str, payload: Bytes) {
         let publisher = self.publisher.clone();
         let topic = topic.to_owned();
+        let sharded = self.sharded;
         let mut reply: Reply = Box::pin(async move {
-            publisher
-                .publish::<Value, _, _>(topic, Value::Bytes(payload))
-                .await
+            if sharded {
+                publisher
+                    .spublish::<Value, _, _>(topic, Value::Bytes(payload))
+                    .await
+            } else {
+                publisher
+                    .publish::<Value, _, _>(topic, Value::Bytes(payload))
+                    .await
+            }
         });
         match (&mut reply).now_or_never() {
             Some(Ok(_)) => {}
@@ -269,12 +308,13 @@ async fn publish_loop(
     mut queue: mpsc::Receiver<Outbound>,
     in_flight: Arc<InFlight>,
     losses: Arc<Losses>,
+    sharded: bool,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut publications = Vec::with_capacity(MAX_BATCH);
     let send = async |publications: &mut Vec<(String, Bytes)>| {
         let count = publications.len();
-        send_pipeline(&publisher, publications, &losses).await;
+        send_pipeline(&publisher, publications, &losses, sharded).await;
         // Answered (or lost): later publications may go straight to fred.
         in_flight.queued.fetch_sub(count, Ordering::AcqRel);
     };
@@ -317,6 +357,7 @@ async fn send_pipeline(
     publisher: &fred::clients::Client,
     publications: &mut Vec<(String, Bytes)>,
     losses: &Losses,
+    sharded: bool,
 ) {
     let count = publications.len();
     if count == 0 {
@@ -332,7 +373,11 @@ async fn send_pipeline(
     let pipeline = publisher.pipeline();
     for (topic, payload) in publications.drain(..) {
         // Only queues the command in the pipeline's memory.
-        let queued: Result<(), _> = pipeline.publish(topic, Value::Bytes(payload)).await;
+        let queued: Result<(), _> = if sharded {
+            pipeline.spublish(topic, Value::Bytes(payload)).await
+        } else {
+            pipeline.publish(topic, Value::Bytes(payload)).await
+        };
         if let Err(error) = queued {
             tracing::debug!(adapter = NAME, %error, "could not queue a publication");
         }
@@ -349,6 +394,7 @@ async fn send_pipeline(
 }
 
 async fn subscription_loop(
+    sharded: bool,
     subscriber: SubscriberClient,
     mut ops: mpsc::Receiver<SubscriptionOp>,
     mut reconnects: broadcast::Receiver<fred::prelude::Server>,
@@ -366,7 +412,7 @@ async fn subscription_loop(
                 if received == 0 {
                     break;
                 }
-                if !apply(&subscriber, &mut wanted, &mut batch).await {
+                if !apply(sharded, &subscriber, &mut wanted, &mut batch).await {
                     dirty = true;
                 }
             }
@@ -374,12 +420,12 @@ async fn subscription_loop(
                 // Also sent for the first connection. A new connection holds nothing.
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     generation.fetch_add(1, Ordering::AcqRel);
-                    dirty = !resync(&subscriber, &wanted).await;
+                    dirty = !resync(sharded, &subscriber, &wanted).await;
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = retry.tick(), if dirty && subscriber.is_connected() => {
-                dirty = !resync(&subscriber, &wanted).await;
+                dirty = !resync(sharded, &subscriber, &wanted).await;
             }
         }
     }
@@ -388,6 +434,7 @@ async fn subscription_loop(
 /// Applies queued (un)subscriptions in order, each run of one kind as one command, and
 /// answers each subscription. Returns false when Redis may now hold the wrong set.
 async fn apply(
+    sharded: bool,
     subscriber: &SubscriberClient,
     wanted: &mut BTreeSet<String>,
     batch: &mut Vec<SubscriptionOp>,
@@ -399,14 +446,15 @@ async fn apply(
         match op {
             SubscriptionOp::Subscribe(topic, held) => {
                 if !unsubscribe.is_empty() {
-                    in_sync &= unsubscribe_all(subscriber, mem::take(&mut unsubscribe)).await;
+                    in_sync &=
+                        unsubscribe_all(sharded, subscriber, mem::take(&mut unsubscribe)).await;
                 }
                 wanted.insert(topic.clone());
                 subscribe.push((topic, held));
             }
             SubscriptionOp::Unsubscribe(topic) => {
                 if !subscribe.is_empty() {
-                    in_sync &= subscribe_all(subscriber, mem::take(&mut subscribe)).await;
+                    in_sync &= subscribe_all(sharded, subscriber, mem::take(&mut subscribe)).await;
                 }
                 if wanted.remove(&topic) {
                     unsubscribe.push(topic);
@@ -415,10 +463,10 @@ async fn apply(
         }
     }
     if !unsubscribe.is_empty() {
-        in_sync &= unsubscribe_all(subscriber, unsubscribe).await;
+        in_sync &= unsubscribe_all(sharded, subscriber, unsubscribe).await;
     }
     if !subscribe.is_empty() {
-        in_sync &= subscribe_all(subscriber, subscribe).await;
+        in_sync &= subscribe_all(sharded, subscriber, subscribe).await;
     }
     in_sync
 }
@@ -430,16 +478,13 @@ async fn apply(
 /// band and are dropped), so a PING follows it: Redis answers one connection's
 /// commands in order, so the PONG means the SUBSCRIBE is in place.
 async fn subscribe_all(
+    sharded: bool,
     subscriber: &SubscriberClient,
     topics: Vec<(String, oneshot::Sender<bool>)>,
 ) -> bool {
     let (names, answers): (Vec<String>, Vec<oneshot::Sender<bool>>) = topics.into_iter().unzip();
     let done = subscriber.is_connected() && {
-        let confirmed = async {
-            subscriber.subscribe(names).await?;
-            subscriber.ping::<Value>(None).await.map(|_| ())
-        };
-        match confirmed.await {
+        match hold(sharded, subscriber, names, true).await {
             Ok(()) => true,
             Err(error) => {
                 tracing::debug!(adapter = NAME, %error, "SUBSCRIBE failed, retrying");
@@ -453,11 +498,15 @@ async fn subscribe_all(
     done
 }
 
-async fn unsubscribe_all(subscriber: &SubscriberClient, topics: Vec<String>) -> bool {
+async fn unsubscribe_all(
+    sharded: bool,
+    subscriber: &SubscriberClient,
+    topics: Vec<String>,
+) -> bool {
     if !subscriber.is_connected() {
         return false;
     }
-    match subscriber.unsubscribe(topics).await {
+    match release(sharded, subscriber, topics).await {
         Ok(()) => true,
         Err(error) => {
             tracing::debug!(adapter = NAME, %error, "UNSUBSCRIBE failed, retrying");
@@ -466,25 +515,85 @@ async fn unsubscribe_all(subscriber: &SubscriberClient, topics: Vec<String>) -> 
     }
 }
 
+/// SUBSCRIBE `topics`, or on a Redis Cluster SSUBSCRIBE them, one command per slot
+/// (a sharded subscription names channels of one slot), on the connection to the node
+/// that holds the slot. With `confirm`, a PING follows on that same connection.
+async fn hold(
+    sharded: bool,
+    subscriber: &SubscriberClient,
+    topics: Vec<String>,
+    confirm: bool,
+) -> Result<(), fred::error::Error> {
+    if !sharded {
+        subscriber.subscribe(topics).await?;
+        if confirm {
+            subscriber.ping::<Value>(None).await?;
+        }
+        return Ok(());
+    }
+    for (slot, topics) in by_slot(topics) {
+        subscriber.ssubscribe(topics).await?;
+        if confirm {
+            // Routed by the slot: the node (and connection) the SSUBSCRIBE went to.
+            let ping = fred::types::CustomCommand::new_static(
+                "PING",
+                fred::types::ClusterHash::Custom(slot),
+                false,
+            );
+            subscriber.custom::<Value, Value>(ping, Vec::new()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// UNSUBSCRIBE `topics`, or on a Redis Cluster SUNSUBSCRIBE them, one command per slot.
+async fn release(
+    sharded: bool,
+    subscriber: &SubscriberClient,
+    topics: Vec<String>,
+) -> Result<(), fred::error::Error> {
+    if !sharded {
+        return subscriber.unsubscribe(topics).await;
+    }
+    for (_, topics) in by_slot(topics) {
+        subscriber.sunsubscribe(topics).await?;
+    }
+    Ok(())
+}
+
+/// `topics` grouped by their Redis Cluster hash slot.
+fn by_slot(topics: Vec<String>) -> std::collections::BTreeMap<u16, Vec<String>> {
+    let mut slots: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+    for topic in topics {
+        let slot = fred::util::redis_keyslot(topic.as_bytes());
+        slots.entry(slot).or_default().push(topic);
+    }
+    slots
+}
+
 /// Makes Redis hold exactly `wanted`; returns whether it worked.
-async fn resync(subscriber: &SubscriberClient, wanted: &BTreeSet<String>) -> bool {
+async fn resync(sharded: bool, subscriber: &SubscriberClient, wanted: &BTreeSet<String>) -> bool {
     let mut ok = true;
     let wanted_list: Vec<&String> = wanted.iter().collect();
     for chunk in wanted_list.chunks(MAX_CHANNELS_PER_COMMAND) {
         let channels: Vec<String> = chunk.iter().map(|topic| (*topic).clone()).collect();
-        if let Err(error) = subscriber.subscribe(channels).await {
+        if let Err(error) = hold(sharded, subscriber, channels, false).await {
             tracing::warn!(adapter = NAME, %error, "resubscribing failed, retrying");
             ok = false;
         }
     }
-    let stale: Vec<String> = subscriber
-        .tracked_channels()
+    let tracked = if sharded {
+        subscriber.tracked_shard_channels()
+    } else {
+        subscriber.tracked_channels()
+    };
+    let stale: Vec<String> = tracked
         .iter()
         .filter(|channel| !wanted.contains(&***channel))
         .map(|channel| channel.to_string())
         .collect();
     for chunk in stale.chunks(MAX_CHANNELS_PER_COMMAND) {
-        if let Err(error) = subscriber.unsubscribe(chunk.to_vec()).await {
+        if let Err(error) = release(sharded, subscriber, chunk.to_vec()).await {
             tracing::warn!(adapter = NAME, %error, "unsubscribing failed, retrying");
             ok = false;
         }

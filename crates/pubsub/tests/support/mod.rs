@@ -44,6 +44,8 @@ pub struct Server {
     /// NATS only: JetStream's store directory (kept across restarts, removed on drop);
     /// `None` runs the server without JetStream.
     jetstream_dir: Option<PathBuf>,
+    /// More command-line arguments (a Redis Cluster node's settings).
+    extra: Vec<String>,
 }
 
 impl Server {
@@ -77,6 +79,7 @@ impl Server {
             port,
             child: None,
             jetstream_dir,
+            extra: Vec::new(),
         }
     }
 
@@ -94,6 +97,27 @@ impl Server {
         }
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs one command with `redis-cli` against this (Redis) server; its output lines.
+    pub fn redis_cli(&self, args: &[&str]) -> Vec<String> {
+        assert_eq!(self.kind, Kind::Redis, "redis-cli talks to Redis");
+        let output = Command::new(find_binary("redis-cli"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run redis-cli: {error}"));
+        assert!(output.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Starts the server (again) on the same port and waits until it accepts connections.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the server is already running");
@@ -101,20 +125,22 @@ impl Server {
         let port = self.port.to_string();
         let mut command = Command::new(&binary);
         match self.kind {
-            Kind::Redis => command.args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--dir",
-                &std::env::temp_dir().to_string_lossy(),
-            ]),
+            Kind::Redis => command
+                .args([
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--dir",
+                    &std::env::temp_dir().to_string_lossy(),
+                ])
+                .args(&self.extra),
             Kind::Nats => {
                 command.args(["-a", "127.0.0.1", "-p", &port]);
                 if let Some(dir) = &self.jetstream_dir {
@@ -178,6 +204,144 @@ impl Drop for Server {
         if let Some(dir) = &self.jetstream_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// A Redis Cluster of `masters` nodes (no replicas) on loopback ports, started by the
+/// test: slots split evenly in node order, nodes introduced with CLUSTER MEET, waited
+/// for until every node says `cluster_state:ok`. Nodes keep their cluster config
+/// across restarts; the directory is removed on drop. Coverage is not required, so
+/// while one node is down the others keep serving their slots.
+pub struct RedisCluster {
+    pub nodes: Vec<Server>,
+    /// Each node's first and last slot.
+    ranges: Vec<(u16, u16)>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "chorus-redis-cluster-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the cluster's config");
+        let mut nodes = Vec::new();
+        let mut buses = Vec::new();
+        for _ in 0..masters {
+            let mut node = Server::stopped(Kind::Redis);
+            let bus = free_port();
+            node.extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                &dir.join(format!("nodes-{}.conf", node.port))
+                    .to_string_lossy(),
+                "--cluster-require-full-coverage",
+                "no",
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            node.restart();
+            nodes.push(node);
+            buses.push(bus);
+        }
+        let per = 16384 / masters;
+        let ranges: Vec<(u16, u16)> = (0..masters)
+            .map(|i| {
+                let first = i * per;
+                let last = if i + 1 == masters {
+                    16383
+                } else {
+                    first + per - 1
+                };
+                (
+                    u16::try_from(first).expect("a slot"),
+                    u16::try_from(last).expect("a slot"),
+                )
+            })
+            .collect();
+        for (node, (first, last)) in nodes.iter().zip(&ranges) {
+            node.redis_cli(&[
+                "CLUSTER",
+                "ADDSLOTSRANGE",
+                &first.to_string(),
+                &last.to_string(),
+            ]);
+        }
+        for (node, bus) in nodes.iter().zip(&buses).skip(1) {
+            nodes[0].redis_cli(&[
+                "CLUSTER",
+                "MEET",
+                "127.0.0.1",
+                &node.port.to_string(),
+                &bus.to_string(),
+            ]);
+        }
+        let cluster = Self { nodes, ranges, dir };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every running node sees the whole cluster in state ok.
+    pub fn wait_ok(&self) {
+        let deadline = std::time::Instant::now() + 3 * SOON;
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|node| node.child.is_some())
+                .all(|node| {
+                    let info = node.redis_cli(&["CLUSTER", "INFO"]);
+                    info.iter().any(|line| line.trim() == "cluster_state:ok")
+                        && info.iter().any(|line| line.trim() == known)
+                });
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Redis Cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis-cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            url.push(if i == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", node.port));
+        }
+        url
+    }
+
+    /// The index of the node that holds `key`'s slot.
+    pub fn node_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0].redis_cli(&["CLUSTER", "KEYSLOT", key])[0]
+            .trim()
+            .parse()
+            .expect("a slot number");
+        self.ranges
+            .iter()
+            .position(|(first, last)| (*first..=*last).contains(&slot))
+            .expect("every slot is assigned")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -9,6 +9,7 @@ mod backbone;
 mod auth;
 mod browser;
 mod cluster_backbone;
+mod cluster_shards;
 
 mod cluster_local;
 mod delivery;
