@@ -60,6 +60,17 @@ struct Parked {
 /// One shard of a name index (channels, users, devices): a name to its local clients.
 type NameShard = RwLock<HashMap<Arc<str>, Subscribers>>;
 
+/// A user's or device's local clients. Mostly one: a map per name would cost every
+/// identified connection two small hash tables, and an unboxed map would widen
+/// every entry of the index.
+enum Named {
+    One(ClientHandle),
+    Many(Box<Subscribers>),
+}
+
+/// One shard of the user or device index.
+type IdentityShard = RwLock<HashMap<Arc<str>, Named>>;
+
 /// Connected clients, their channel subscriptions, and who they are.
 pub struct Hub {
     clients: Box<[RwLock<Subscribers>]>,
@@ -73,9 +84,9 @@ pub struct Hub {
     /// Entries in `parked`: publishing looks there only when some exist.
     parked_count: AtomicUsize,
     /// Registered clients by user id.
-    users: Box<[NameShard]>,
+    users: Box<[IdentityShard]>,
     /// Registered clients by device id (device ids are global, not per user).
-    devices: Box<[NameShard]>,
+    devices: Box<[IdentityShard]>,
     next_id: AtomicU64,
     connected: AtomicUsize,
     send_budget: usize,
@@ -142,10 +153,7 @@ impl Hub {
             (&self.devices, &identity.device),
         ] {
             if let Some(name) = name {
-                write(&index[name_shard(name)])
-                    .entry(Arc::clone(name))
-                    .or_default()
-                    .insert(client.id(), client.clone());
+                add_named(&index[name_shard(name)], name, client);
             }
         }
     }
@@ -165,7 +173,7 @@ impl Hub {
             (&self.devices, &identity.device),
         ] {
             if let Some(name) = name {
-                remove_from(&index[name_shard(name)], name, client.id());
+                remove_named(&index[name_shard(name)], name, client.id());
             }
         }
         let channels: Vec<Arc<str>> = client.channels().drain().collect();
@@ -206,11 +214,12 @@ impl Hub {
         Self::named(&self.devices, device)
     }
 
-    fn named(index: &[NameShard], name: &str) -> Vec<ClientHandle> {
-        read(&index[name_shard(name)])
-            .get(name)
-            .map(|clients| clients.values().cloned().collect())
-            .unwrap_or_default()
+    fn named(index: &[IdentityShard], name: &str) -> Vec<ClientHandle> {
+        match read(&index[name_shard(name)]).get(name) {
+            Some(Named::One(client)) => vec![client.clone()],
+            Some(Named::Many(clients)) => clients.values().cloned().collect(),
+            None => Vec::new(),
+        }
     }
 
     /// Number of registered clients.
@@ -513,6 +522,40 @@ fn remove_from(shard: &NameShard, name: &str, id: ClientId) -> bool {
     }
 }
 
+fn add_named(shard: &IdentityShard, name: &Arc<str>, client: &ClientHandle) {
+    let mut shard = write(shard);
+    let Some(named) = shard.get_mut(&**name) else {
+        shard.insert(Arc::clone(name), Named::One(client.clone()));
+        return;
+    };
+    match named {
+        Named::One(only) if only.id() == client.id() => *only = client.clone(),
+        Named::One(only) => {
+            let first = (only.id(), only.clone());
+            let both = HashMap::from([first, (client.id(), client.clone())]);
+            *named = Named::Many(Box::new(both));
+        }
+        Named::Many(clients) => {
+            clients.insert(client.id(), client.clone());
+        }
+    }
+}
+
+fn remove_named(shard: &IdentityShard, name: &str, id: ClientId) {
+    let mut shard = write(shard);
+    let empty = match shard.get_mut(name) {
+        Some(Named::One(only)) => only.id() == id,
+        Some(Named::Many(clients)) => {
+            clients.remove(&id);
+            clients.is_empty()
+        }
+        None => false,
+    };
+    if empty {
+        shard.remove(name);
+    }
+}
+
 #[allow(clippy::cast_possible_truncation)]
 fn client_shard(id: ClientId) -> usize {
     (id as usize) % SHARDS
@@ -651,6 +694,34 @@ mod tests {
         assert!(hub.clients_of_device("phone").is_empty());
         hub.remove(&laptop);
         assert!(hub.clients_of_user("alice").is_empty());
+    }
+
+    #[test]
+    fn the_identity_index_keeps_a_lone_client_and_ignores_strangers() {
+        let hub = hub(8);
+        let bob = Identity {
+            user: Some(Arc::from("bob")),
+            device: None,
+        };
+        let (first, _) = hub.create_client(bob.clone());
+        let (second, _) = hub.create_client(bob);
+        hub.register(&first);
+        hub.register(&first);
+        assert_eq!(
+            hub.clients_of_user("bob").len(),
+            1,
+            "registered twice, one entry"
+        );
+        hub.remove(&second);
+        assert_eq!(
+            hub.clients_of_user("bob").len(),
+            1,
+            "not bob's registered client"
+        );
+        hub.register(&second);
+        hub.remove(&first);
+        hub.remove(&second);
+        assert!(!hub.has_user("bob"));
     }
 
     /// Builds `sys.gap`-like notices so the policies can be watched.

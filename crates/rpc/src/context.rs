@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use chorus_gate::{ConnectionLimits, Gate, Identity, RequestVerdict, Scope};
@@ -44,7 +44,8 @@ pub struct Caller {
     /// The identity's `exp` (seconds since the Unix epoch), 0 for never: read by the
     /// transport on every turn, so it is kept outside the lock.
     expires_at: AtomicU64,
-    pub(crate) order: Arc<ChannelOrder>,
+    /// Created by the first call on a channel: most connections never make one.
+    order: OnceLock<Arc<ChannelOrder>>,
     /// Headers of the upgrade request that every proxy request of the connection
     /// carries (lower-case name, value).
     forwarded: Vec<(String, String)>,
@@ -53,6 +54,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The order of this connection's calls per channel, if any call made one.
+    pub(crate) fn order_if_any(&self) -> Option<&Arc<ChannelOrder>> {
+        self.order.get()
+    }
+
+    pub(crate) fn order(&self) -> &Arc<ChannelOrder> {
+        self.order.get_or_init(Arc::default)
+    }
+
     /// A connected client: replies are bounded by its send budget.
     pub fn new(client: ClientHandle, identity: Identity, limits: ConnectionLimits) -> Self {
         Self {
@@ -61,7 +71,7 @@ impl Caller {
             limits: Some(limits),
             expires_at: AtomicU64::new(identity.expires_at.unwrap_or(0)),
             identity: RwLock::new(identity),
-            order: Arc::default(),
+            order: OnceLock::new(),
             forwarded: Vec::new(),
             proxied: Arc::default(),
         }
@@ -93,7 +103,7 @@ impl Caller {
             reply_budget,
             expires_at: AtomicU64::new(0),
             identity: RwLock::new(Identity::anonymous()),
-            order: Arc::default(),
+            order: OnceLock::new(),
             forwarded: Vec::new(),
             proxied: Arc::default(),
         }

@@ -89,10 +89,13 @@ impl<M: Method> Handler for M {
         let Some(channel) = access.channel() else {
             return self.call(cx, &parsed);
         };
-        let order = &cx.caller.order;
-        if order.is_busy(channel) {
+        if cx
+            .caller
+            .order_if_any()
+            .is_some_and(|order| order.is_busy(channel))
+        {
             // An earlier call on this channel has not finished: run after it.
-            let (wait, ticket) = order.enter(channel);
+            let (wait, ticket) = cx.caller.order().enter(channel);
             let raw: Option<Box<RawValue>> = params.raw().map(RawValue::to_owned);
             let handler = Arc::clone(me);
             let owned = cx.detach();
@@ -111,7 +114,7 @@ impl<M: Method> Handler for M {
         }
         match self.call(cx, &parsed)? {
             Reply::Later(later) => {
-                let (_, ticket) = order.enter(channel);
+                let (_, ticket) = cx.caller.order().enter(channel);
                 Ok(Reply::later(async move {
                     let reply = later.await;
                     drop(ticket);

@@ -35,11 +35,11 @@ use crate::presence::{Presence, PresenceSettings};
 use crate::proxy::Proxy;
 use crate::webhook::Webhook;
 
-/// Per-connection read buffer, allocated up front for every socket, idle or not: it
-/// is the largest per-connection allocation, and 2 KiB holds a burst of typical
-/// requests (bigger frames grow it on demand). 4 KiB cost 2 KiB more per idle
-/// connection for no measurable `rpc` gain (claudedocs/BENCHMARKS.md).
-const READ_BUFFER: usize = 2 * 1024;
+/// tungstenite's per-connection read buffer, allocated up front for every socket, idle
+/// or not. The socket is read in larger chunks by [`crate::lazy_read`], so this only
+/// needs to hold a typical request (bigger frames grow it on demand); 2 KiB here cost
+/// 1.8 KB more per idle connection (claudedocs/BENCHMARKS.md).
+const READ_BUFFER: usize = 256;
 /// Write buffer size past which tungstenite writes to the socket before a flush.
 const WRITE_BUFFER: usize = 16 * 1024;
 /// How often limiter state of client addresses that went quiet is dropped.
@@ -309,7 +309,7 @@ pub async fn start_with_bus(
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(largest_frame + 2 * WRITE_BUFFER + 4 * READ_BUFFER + (64 << 10))
+        .max_write_buffer_size(largest_frame + 2 * WRITE_BUFFER + (72 << 10))
         .max_message_size(Some(transport.max_message_size))
         .max_frame_size(Some(transport.max_message_size));
     let addr = SocketAddr::new(transport.host, transport.port);

@@ -27,10 +27,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::app::{App, ConnectionSlot};
+use crate::lazy_read::LazyRead;
 use crate::lifecycle::Reason;
 use crate::session::{Session, SessionEnd};
 
-pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+pub type WsStream = WebSocketStream<LazyRead<TokioIo<Upgraded>>>;
 
 /// Stop adding frames to a batch past this many bytes, then flush.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -90,7 +91,15 @@ struct Connection {
 }
 
 /// Serves one upgraded socket: JSON-RPC for `session`, echo without one.
-pub async fn run(ws: WsStream, app: Arc<App>, session: Option<Session>, slot: ConnectionSlot) {
+///
+/// Not an `async fn`: its arguments would stay in the future beside the `Connection`
+/// built from them, and this future is most of an idle connection's memory.
+pub fn run(
+    ws: WsStream,
+    app: Arc<App>,
+    session: Option<Session>,
+    slot: ConnectionSlot,
+) -> impl Future<Output = ()> + Send {
     let now = Instant::now();
     let mut connection = Connection {
         ws,
@@ -106,25 +115,25 @@ pub async fn run(ws: WsStream, app: Arc<App>, session: Option<Session>, slot: Co
         expiry: Cell::new((0, now)),
         app,
     };
-    let ending = connection.serve().await;
-    let Connection {
-        mut ws,
-        session,
-        stalled_since,
-        ..
-    } = connection;
-    if let Some(session) = session {
-        session.close(reason_for(&ending));
+    // A block that uses `connection` in place: an `async fn` taking it would hold
+    // its argument and the moved-in copy of it.
+    async move {
+        let ending = connection.serve().await;
+        if let Some(session) = connection.session.take() {
+            session.close(reason_for(&ending));
+        }
+        if let Ending::Close(code, reason) = ending {
+            let patience = if connection.stalled_since.is_some() {
+                STALLED_CLOSE_TIMEOUT
+            } else {
+                CLOSE_TIMEOUT
+            };
+            // Boxed: every connection's future would otherwise keep room for the
+            // close handshake's timer and frame, needed once at the end.
+            Box::pin(close(&mut connection.ws, code, reason, patience)).await;
+        }
+        drop(slot);
     }
-    if let Ending::Close(code, reason) = ending {
-        let patience = if stalled_since.is_some() {
-            STALLED_CLOSE_TIMEOUT
-        } else {
-            CLOSE_TIMEOUT
-        };
-        close(&mut ws, code, reason, patience).await;
-    }
-    drop(slot);
 }
 
 impl Connection {

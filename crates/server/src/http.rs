@@ -423,7 +423,7 @@ async fn upgrade(
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    crate::lazy_read::LazyRead::new(TokioIo::new(upgraded)),
                     Role::Server,
                     Some(app.ws_config),
                 )

@@ -9,6 +9,7 @@ mod connection;
 pub mod history;
 mod http;
 mod http_client;
+mod lazy_read;
 pub mod lifecycle;
 pub mod limits;
 pub mod logging;

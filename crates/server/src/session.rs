@@ -46,7 +46,9 @@ pub struct Session {
     client: ClientHandle,
     caller: Arc<Caller>,
     pub outbox: Outbox,
-    pending: FuturesUnordered<PendingReply>,
+    /// Created by the first deferred call: an empty `FuturesUnordered` still holds
+    /// two allocations, on every idle connection.
+    pending: Option<FuturesUnordered<PendingReply>>,
     pending_calls: usize,
 }
 
@@ -104,7 +106,7 @@ impl Session {
             client,
             caller,
             outbox,
-            pending: FuturesUnordered::new(),
+            pending: None,
             pending_calls: 0,
         };
         (session, known)
@@ -134,7 +136,9 @@ impl Session {
             }
             Handled::Later { reply, calls } => {
                 self.pending_calls += calls;
-                self.pending.push(PendingReply { reply, calls });
+                self.pending
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(PendingReply { reply, calls });
             }
             Handled::Flooding => return Err(SessionEnd::Flooding),
         }
@@ -167,10 +171,13 @@ impl Session {
 
     /// Queues the replies of deferred calls that finished; registers for the others.
     pub fn poll_deferred(&mut self, cx: &mut Context<'_>) {
-        while let Poll::Ready(Some((answer, calls))) = self.pending.poll_next_unpin(cx) {
+        let Some(pending) = &mut self.pending else {
+            return;
+        };
+        while let Poll::Ready(Some((answer, calls))) = pending.poll_next_unpin(cx) {
             self.pending_calls -= calls;
             if let Some(reply) = answer.text {
-                let _ = self.client().send(Frame::from(reply));
+                let _ = self.client.send(Frame::from(reply));
             }
             // After the reply: e.g. live publications after the ones it recovered.
             for effect in answer.effects {

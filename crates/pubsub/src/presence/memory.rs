@@ -34,8 +34,10 @@ pub struct PresenceState {
     nodes: BTreeMap<String, NodeEntry>,
     connections: HashMap<String, Connection>,
     by_node: HashMap<String, BTreeSet<String>>,
-    by_user: HashMap<String, BTreeSet<String>>,
-    by_device: HashMap<String, HashSet<String>>,
+    /// A user or device mostly has one connection: see [`Ids`] (results are sorted
+    /// where they are read).
+    by_user: HashMap<String, Ids>,
+    by_device: HashMap<String, Ids>,
     channels: HashMap<String, ChannelMembers>,
     /// Client id to the channels it is a member of.
     memberships: HashMap<String, BTreeSet<String>>,
@@ -88,22 +90,16 @@ impl PresenceState {
         let before = connection
             .user
             .as_ref()
-            .map_or(0, |user| self.by_user.get(user).map_or(0, BTreeSet::len));
+            .map_or(0, |user| self.by_user.get(user).map_or(0, Ids::len));
         self.by_node
             .entry(connection.node_id.clone())
             .or_default()
             .insert(client_id.clone());
         if let Some(user) = &connection.user {
-            self.by_user
-                .entry(user.clone())
-                .or_default()
-                .insert(client_id.clone());
+            add_id(&mut self.by_user, user, &client_id);
         }
         if let Some(device) = &connection.device {
-            self.by_device
-                .entry(device.clone())
-                .or_default()
-                .insert(client_id.clone());
+            add_id(&mut self.by_device, device, &client_id);
         }
         self.connections.insert(client_id, connection);
         before
@@ -135,15 +131,10 @@ impl PresenceState {
         let connection = self.connections.remove(client_id)?;
         remove_indexed(&mut self.by_node, &connection.node_id, client_id);
         if let Some(user) = &connection.user {
-            remove_indexed(&mut self.by_user, user, client_id);
+            remove_from_set(&mut self.by_user, user, client_id);
         }
-        if let Some(device) = &connection.device
-            && let Some(set) = self.by_device.get_mut(device)
-        {
-            set.remove(client_id);
-            if set.is_empty() {
-                self.by_device.remove(device);
-            }
+        if let Some(device) = &connection.device {
+            remove_from_set(&mut self.by_device, device, client_id);
         }
         Some(connection)
     }
@@ -201,15 +192,18 @@ impl PresenceState {
 
     /// The user's other connections with `device`.
     pub fn same_device(&self, user: &str, device: &str, except: &str) -> Vec<Connection> {
-        self.by_user
+        let mut found: Vec<Connection> = self
+            .by_user
             .get(user)
             .into_iter()
-            .flatten()
+            .flat_map(Ids::iter)
             .filter(|client_id| client_id.as_str() != except)
             .filter_map(|client_id| self.connections.get(client_id))
             .filter(|connection| connection.device.as_deref() == Some(device))
             .cloned()
-            .collect()
+            .collect();
+        sort_by_client(&mut found);
+        found
     }
 
     pub fn stats(&self, channel: &str) -> Stats {
@@ -246,13 +240,16 @@ impl PresenceState {
     }
 
     pub fn user(&self, user: &str) -> Vec<Connection> {
-        self.by_user
+        let mut found: Vec<Connection> = self
+            .by_user
             .get(user)
             .into_iter()
-            .flatten()
+            .flat_map(Ids::iter)
             .filter_map(|client_id| self.connections.get(client_id))
             .cloned()
-            .collect()
+            .collect();
+        sort_by_client(&mut found);
+        found
     }
 
     /// Live nodes (deadline after `now`).
@@ -308,7 +305,7 @@ impl PresenceState {
                 self.by_user
                     .get(user)
                     .into_iter()
-                    .flatten()
+                    .flat_map(Ids::iter)
                     .map(String::as_str),
             );
         }
@@ -317,7 +314,7 @@ impl PresenceState {
                 self.by_device
                     .get(device)
                     .into_iter()
-                    .flatten()
+                    .flat_map(Ids::iter)
                     .map(String::as_str),
             );
         }
@@ -368,6 +365,67 @@ impl PresenceState {
         }
         lost
     }
+}
+
+/// Client ids of one user or device: one inline, more in a boxed set, so the usual
+/// single connection costs no table of its own.
+#[derive(Debug)]
+enum Ids {
+    One(String),
+    // Boxed: an inline set would widen every entry of the index by 24 bytes.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashSet<String>>),
+}
+
+impl Ids {
+    fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Many(ids) => ids.len(),
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = &String> + '_> {
+        match self {
+            Self::One(id) => Box::new(std::iter::once(id)),
+            Self::Many(ids) => Box::new(ids.iter()),
+        }
+    }
+}
+
+fn add_id(index: &mut HashMap<String, Ids>, key: &str, client_id: &str) {
+    let Some(ids) = index.get_mut(key) else {
+        index.insert(key.to_owned(), Ids::One(client_id.to_owned()));
+        return;
+    };
+    match ids {
+        Ids::One(only) if only == client_id => {}
+        Ids::One(only) => {
+            let first = std::mem::take(only);
+            *ids = Ids::Many(Box::new(HashSet::from([first, client_id.to_owned()])));
+        }
+        Ids::Many(set) => {
+            set.insert(client_id.to_owned());
+        }
+    }
+}
+
+fn remove_from_set(index: &mut HashMap<String, Ids>, key: &str, client_id: &str) {
+    let empty = match index.get_mut(key) {
+        Some(Ids::One(only)) => only == client_id,
+        Some(Ids::Many(set)) => {
+            set.remove(client_id);
+            set.is_empty()
+        }
+        None => false,
+    };
+    if empty {
+        index.remove(key);
+    }
+}
+
+fn sort_by_client(connections: &mut [Connection]) {
+    connections.sort_unstable_by(|a, b| a.client_id.cmp(&b.client_id));
 }
 
 fn remove_indexed(index: &mut HashMap<String, BTreeSet<String>>, key: &str, client_id: &str) {
@@ -549,5 +607,32 @@ impl PresenceStore for MemoryPresence {
     ) -> StoreFuture<'a, u64> {
         let count = self.state().count_targets(users, devices, clients);
         Self::ready(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_index_grows_from_one_to_many_and_back_to_nothing() {
+        let mut index = HashMap::new();
+        add_id(&mut index, "alice", "n/1");
+        add_id(&mut index, "alice", "n/1");
+        assert_eq!(index["alice"].len(), 1, "the same id once");
+        add_id(&mut index, "alice", "n/2");
+        let mut ids: Vec<&String> = index["alice"].iter().collect();
+        ids.sort();
+        assert_eq!(ids, ["n/1", "n/2"]);
+        remove_from_set(&mut index, "alice", "n/3");
+        remove_from_set(&mut index, "alice", "n/1");
+        assert_eq!(index["alice"].len(), 1);
+        remove_from_set(&mut index, "alice", "n/2");
+        assert!(index.is_empty());
+        add_id(&mut index, "bob", "n/4");
+        remove_from_set(&mut index, "bob", "n/5");
+        assert_eq!(index["bob"].len(), 1, "a stranger's id changes nothing");
+        remove_from_set(&mut index, "bob", "n/4");
+        assert!(index.is_empty());
     }
 }
