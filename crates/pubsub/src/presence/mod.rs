@@ -16,6 +16,7 @@
 pub mod memory;
 pub mod nats;
 pub mod redis;
+pub mod sharded;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -57,6 +57,7 @@ use fred::prelude::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::sharded::ShardedPresence;
 use super::{
     Beat, Connected, Connection, Disconnected, Lost, MAX_PAGE, Member, NodeStatus, Page,
     PresenceError, PresenceStore, Stats, StoreFuture, node_of_client,
@@ -338,7 +339,9 @@ return {first, replaced}
 "#
 );
 
-/// ARGV: prefix, client. Returns {known, last_of_user, channels}.
+/// ARGV: prefix, client. Returns {known, last_of_user, channels}. The channels of a
+/// client whose connection is not recorded here are removed and returned too: a
+/// shard of `ShardedPresence` other than the home holds only memberships.
 const DISCONNECT: &str = concat!(
     prelude!(),
     r#"
@@ -346,7 +349,7 @@ local client = ARGV[2]
 local channels = leave_all(client)
 local raw = redis.call('HGET', CONN, client)
 if not raw then
-  return {0, 0, {}}
+  return {0, 0, channels}
 end
 local last = drop_connection(client, raw) and 1 or 0
 return {1, last, channels}
@@ -800,14 +803,39 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceE
             reason: format!("invalid key prefix {prefix:?}: expected [A-Za-z0-9_.:-]+"),
         });
     }
-    // With several servers (the backbone's shards), presence lives whole on the first:
-    // its transitions span a connection's channels in one script, which one server
-    // keeps atomic.
-    let urls = crate::redis::shard_urls(url).map_err(|error| PresenceError::Unavailable {
+    // With several servers this is the home store of [`connect_shards`]: the first.
+    let urls = shard_list(url)?;
+    connect_one(&urls[0], prefix)
+}
+
+/// Like [`connect`], but a comma-separated list of servers (the backbone's shards, in
+/// the same order) gives a [`ShardedPresence`]: each channel's members on the server
+/// that carries the channel, connections and replicas on the first. One server, or a
+/// Redis Cluster, gives one [`RedisPresence`], exactly as [`connect`].
+pub async fn connect_shards(
+    url: &str,
+    prefix: &str,
+) -> Result<Box<dyn PresenceStore>, PresenceError> {
+    let urls = shard_list(url)?;
+    if urls.len() == 1 {
+        return Ok(Box::new(connect(url, prefix).await?));
+    }
+    let mut shards: Vec<Box<dyn PresenceStore>> = Vec::with_capacity(urls.len());
+    for url in &urls {
+        shards.push(Box::new(connect(url, prefix).await?));
+    }
+    Ok(Box::new(ShardedPresence::new(shards)))
+}
+
+fn shard_list(url: &str) -> Result<Vec<String>, PresenceError> {
+    crate::redis::shard_urls(url).map_err(|error| PresenceError::Unavailable {
         store: NAME,
         reason: error.to_string(),
-    })?;
-    let mut link = StoreLink::connect(&urls[0], "presence")?;
+    })
+}
+
+fn connect_one(url: &str, prefix: &str) -> Result<RedisPresence, PresenceError> {
+    let mut link = StoreLink::connect(url, "presence")?;
     // In a Redis Cluster every key starts with the hash tag `{<prefix>}`: all of them
     // are in one slot, on one node, as the scripts need (they touch many keys).
     let keys = if link.is_cluster() {
