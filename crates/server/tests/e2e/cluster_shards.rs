@@ -1,16 +1,19 @@
 //! Three `chorus` processes on two and on three Redis servers (`WS_REDIS_URL` lists
 //! them): channels are spread over the servers by consistent hashing, each server
-//! carries only its channels' subscriptions, history lives with its channel, and one
-//! server's outage stops only its own channels.
+//! carries only its channels' subscriptions, history and presence live with their
+//! channel, and one server's outage stops only its own channels (their presence too).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use chorus_pubsub::shards::shard_of;
 use serde_json::{Value, json};
 
 use crate::backbone::{Kind, RedisCluster, Server};
-use crate::support::{Client, ServerProcess, eventually, http_get, metric, ws_url};
+use crate::support::{
+    Client, ServerProcess, eventually, eventually_within, http_get, metric, ws_url,
+};
 
 /// `h:` channels keep history and track presence.
 const NAMESPACES: &str = r#"{"h": {"history_size": 10, "presence": true}}"#;
@@ -221,6 +224,46 @@ async fn every_shard_delivers_once_and_holds_only_its_channels(count: usize) {
             }
         })
         .await;
+        // Its members (the member and the reader) live on its shard only.
+        let stats = reader
+            .ok("presence_stats", json!({"channel": channel}))
+            .await;
+        assert_eq!(stats, json!({"clients": 2, "users": 0}));
+        let members = format!("{prefix}|cm|{channel}");
+        for (other, server) in servers.iter().enumerate() {
+            let exists = server.redis_cli(&["EXISTS", &members]);
+            let wanted = if other == shard { "1" } else { "0" };
+            assert_eq!(exists, [wanted], "{members} on shard {other}");
+        }
+    }
+    // Connection records live on the first server (the home) only.
+    let connections = format!("{prefix}|conn");
+    for (shard, server) in servers.iter().enumerate() {
+        let wanted = if shard == 0 { "1" } else { "0" };
+        assert_eq!(
+            server.redis_cli(&["EXISTS", &connections]),
+            [wanted],
+            "{connections} on shard {shard}"
+        );
+    }
+}
+
+/// `presence` and `presence_stats` of `channel` asked on `addr`: the result, or the
+/// error code.
+async fn presence_of(addr: SocketAddr, channel: &str) -> Result<(usize, Value), i64> {
+    let mut client = Client::connect(addr).await;
+    let members = client.call("presence", json!({"channel": channel})).await;
+    let stats = client
+        .call("presence_stats", json!({"channel": channel}))
+        .await;
+    match (members.get("error"), stats.get("error")) {
+        (None, None) => Ok((
+            members["result"]["clients"]
+                .as_array()
+                .map_or(0, std::vec::Vec::len),
+            stats["result"].clone(),
+        )),
+        (Some(error), _) | (None, Some(error)) => Err(error["code"].as_i64().unwrap_or(0)),
     }
 }
 
@@ -233,7 +276,7 @@ async fn a_shard_outage_stops_only_its_channels() {
     let processes = replicas(&servers, prefix).await;
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
     let channels: Vec<String> = (0..COUNT).map(|s| channel_on("room", s, COUNT)).collect();
-    // Shard 1 goes down; presence lives on shard 0, which stays.
+    // Shard 1 goes down; connections (presence's home) live on shard 0, which stays.
     let (down, stays) = (&channels[1], [&channels[0], &channels[2]]);
 
     let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
@@ -259,6 +302,18 @@ async fn a_shard_outage_stops_only_its_channels() {
     for _ in 0..10 {
         publish_to_survivors(&mut publisher, &mut subscriber).await;
     }
+    // Presence on a channel of every shard, each on its own shard: a member on replica 2.
+    let tracked: Vec<String> = (0..COUNT).map(|s| channel_on("h", s, COUNT)).collect();
+    let mut member = Client::connect_url(&ws_url(addrs[2])).await;
+    for channel in &tracked {
+        member.ok("subscribe", json!({"channel": channel})).await;
+        eventually("the member to appear in presence", || async {
+            presence_of(addrs[0], channel)
+                .await
+                .is_ok_and(|(n, _)| n == 1)
+        })
+        .await;
+    }
 
     servers[1].stop();
     eventually("/health to report the shard down", || async {
@@ -283,6 +338,19 @@ async fn a_shard_outage_stops_only_its_channels() {
     assert_eq!(reply["error"]["data"], json!({"delivered": "local"}));
     for _ in 0..10 {
         publish_to_survivors(&mut publisher, &mut subscriber).await;
+    }
+    // Presence of the other shards' channels answers; the stopped one's does not.
+    for (shard, channel) in tracked.iter().enumerate() {
+        let answer = presence_of(addrs[0], channel).await;
+        if shard == 1 {
+            assert_eq!(answer, Err(-32053), "{channel}");
+        } else {
+            assert_eq!(
+                answer,
+                Ok((1, json!({"clients": 1, "users": 0}))),
+                "{channel}"
+            );
+        }
     }
     // The broadcast topic lives on one shard: it works unless that one is down.
     let broadcast = publisher
@@ -318,6 +386,18 @@ async fn a_shard_outage_stops_only_its_channels() {
         publish_to_survivors(&mut publisher, &mut subscriber).await;
     }
     subscriber.assert_nothing_pending().await;
+    // The server came back empty: at its next beats (every `WS_PRESENCE_TTL` / 5) the
+    // replicas record their members there again; the other channels never stopped.
+    for channel in &tracked {
+        eventually_within(
+            Duration::from_secs(30),
+            "presence to answer on every shard again",
+            || async {
+                presence_of(addrs[0], channel).await == Ok((1, json!({"clients": 1, "users": 0})))
+            },
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
