@@ -1,4 +1,5 @@
-//! Presence in Redis (one server, 7.0 or later; with several shards, the first), on one dedicated `fred` client that
+//! Presence in Redis (one server, 7.0 or later; with several shards, one store per
+//! server under [`ShardedPresence`], see [`connect_shards`]), on one dedicated `fred` client that
 //! reconnects forever (`crate::redis::link::StoreLink`, shared with the backbone and the
 //! history store). While it is disconnected every call fails at once with
 //! [`PresenceError::Unreachable`].
@@ -16,8 +17,9 @@
 //! The scripts build key names from their arguments rather than declaring them as
 //! KEYS: fine on one server. In a Redis Cluster the prefix becomes `{<prefix>}`, a hash
 //! tag that puts every key in one slot, and the scripts are sent to that slot's node:
-//! presence lives on one node of the cluster (as it lives on the first of several
-//! shards), because a connection's transitions span its channels atomically.
+//! presence lives on one node of the cluster, because a connection's transitions span
+//! its channels atomically. (With a list of servers, [`ShardedPresence`] puts each
+//! channel's members on the channel's server and connections on the first.)
 //!
 //! # Keys
 //!
