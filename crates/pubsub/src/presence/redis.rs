@@ -17,9 +17,11 @@
 //! The scripts build key names from their arguments rather than declaring them as
 //! KEYS: fine on one server. In a Redis Cluster the prefix becomes `{<prefix>}`, a hash
 //! tag that puts every key in one slot, and the scripts are sent to that slot's node:
-//! presence lives on one node of the cluster, because a connection's transitions span
-//! its channels atomically. (With a list of servers, [`ShardedPresence`] puts each
-//! channel's members on the channel's server and connections on the first.)
+//! one store lives on one node of the cluster, because a connection's transitions span
+//! its channels atomically. [`connect_shards`] spreads channel presence: over a list
+//! of servers, each channel's members on the channel's server and connections on the
+//! first; over a cluster, on [`CLUSTER_SHARDS`] stores, each with its own hash tag
+//! `{<prefix>|<i>}` (the first keeps `{<prefix>}`), so over its masters.
 //!
 //! # Keys
 //!
@@ -52,6 +54,7 @@
 //! field already holds it); the node id is left out when the client id names it. The
 //! scripts decode records only to find the user, device and node to unindex.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -766,8 +769,10 @@ fn optional(value: Option<&str>) -> [Value; 2] {
 pub struct RedisPresence {
     /// Fails every call at once while disconnected, and never writes a command twice:
     /// a reaping script replayed after a lost reply would hand its connections to nobody.
-    link: StoreLink,
-    /// `"<prefix>|"`, the start of every key.
+    link: Arc<StoreLink>,
+    /// In a Redis Cluster, the slot of this store's hash tag, where its scripts go.
+    home: Option<u16>,
+    /// `"<prefix>|"` (or `"<tag>|"`), the start of every key.
     keys: Value,
     scripts: Scripts,
 }
@@ -812,15 +817,34 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceE
 
 /// Like [`connect`], but a comma-separated list of servers (the backbone's shards, in
 /// the same order) gives a [`ShardedPresence`]: each channel's members on the server
-/// that carries the channel, connections and replicas on the first. One server, or a
-/// Redis Cluster, gives one [`RedisPresence`], exactly as [`connect`].
+/// that carries the channel, connections and replicas on the first. One server gives
+/// one [`RedisPresence`], exactly as [`connect`]. A Redis Cluster gives a
+/// [`ShardedPresence`] over [`CLUSTER_SHARDS`] stores on the same connection, one hash
+/// tag each, the first with [`connect`]'s keys.
 pub async fn connect_shards(
     url: &str,
     prefix: &str,
 ) -> Result<Box<dyn PresenceStore>, PresenceError> {
     let urls = shard_list(url)?;
     if urls.len() == 1 {
-        return Ok(Box::new(connect(url, prefix).await?));
+        let home = connect(url, prefix).await?;
+        if !home.link.is_cluster() {
+            return Ok(Box::new(home));
+        }
+        // A Redis Cluster: the same connection, channel presence spread over
+        // `CLUSTER_SHARDS` hash tags (slots), so over the masters.
+        let mut shards: Vec<Box<dyn PresenceStore>> = Vec::with_capacity(CLUSTER_SHARDS);
+        let link = Arc::clone(&home.link);
+        shards.push(Box::new(home));
+        for index in 1..CLUSTER_SHARDS {
+            let tag = format!("{{{prefix}|{index}}}");
+            shards.push(Box::new(RedisPresence::on(
+                Arc::clone(&link),
+                prefix,
+                Some(tag),
+            )));
+        }
+        return Ok(Box::new(ShardedPresence::new(shards)));
     }
     let mut shards: Vec<Box<dyn PresenceStore>> = Vec::with_capacity(urls.len());
     for url in &urls {
@@ -837,21 +861,33 @@ fn shard_list(url: &str) -> Result<Vec<String>, PresenceError> {
 }
 
 fn connect_one(url: &str, prefix: &str) -> Result<RedisPresence, PresenceError> {
-    let mut link = StoreLink::connect(url, "presence")?;
+    let link = Arc::new(StoreLink::connect(url, "presence")?);
     // In a Redis Cluster every key starts with the hash tag `{<prefix>}`: all of them
     // are in one slot, on one node, as the scripts need (they touch many keys).
-    let keys = if link.is_cluster() {
-        let keys = format!("{{{prefix}}}|");
-        link = link.home(&keys);
-        keys
-    } else {
-        format!("{prefix}|")
-    };
-    Ok(RedisPresence {
-        link,
-        keys: Value::from(keys),
-        scripts: Scripts::new(),
-    })
+    let tag = link.is_cluster().then(|| format!("{{{prefix}}}"));
+    Ok(RedisPresence::on(link, prefix, tag))
+}
+
+/// In a Redis Cluster, the stores [`connect_shards`] spreads channel presence over:
+/// the home (tag `{<prefix>}`, the same keys as [`connect`]) and `CLUSTER_SHARDS - 1`
+/// more, tagged `{<prefix>|<i>}` (a prefix cannot contain `|`, so no other cluster's
+/// tag is the same), each a slot of its own that Redis places on some master. Fixed:
+/// changing it would move most channels' presence.
+pub const CLUSTER_SHARDS: usize = 16;
+
+impl RedisPresence {
+    /// A store on `link` whose keys start with `<tag>|` (in a cluster, a hash tag that
+    /// puts them all in one slot, where the scripts are sent) or `<prefix>|`.
+    fn on(link: Arc<StoreLink>, prefix: &str, tag: Option<String>) -> Self {
+        let home = tag.as_deref().map(crate::redis::link::slot);
+        let keys = format!("{}|", tag.as_deref().unwrap_or(prefix));
+        Self {
+            link,
+            home,
+            keys: Value::from(keys),
+            scripts: Scripts::new(),
+        }
+    }
 }
 
 impl RedisPresence {
@@ -871,7 +907,10 @@ impl RedisPresence {
         let mut argv = Vec::with_capacity(args.len() + 1);
         argv.push(self.keys.clone());
         argv.extend(args);
-        Ok(self.link.run(script, Vec::new(), argv).await?)
+        Ok(self
+            .link
+            .run_at(script, Vec::new(), argv, self.home)
+            .await?)
     }
 
     /// Runs a reaping script until it hands out connections or finds nothing left: a

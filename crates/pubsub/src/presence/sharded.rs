@@ -51,8 +51,10 @@
 //!
 //! # Redis Cluster
 //!
-//! Not used there: a Redis Cluster keeps presence in one store (one hash slot), see
-//! `presence::redis`.
+//! Over a Redis Cluster the shards are not servers but hash tags on one connection
+//! (`presence::redis::CLUSTER_SHARDS` of them, each one slot, placed by the same jump
+//! hash): channel presence load spreads over the masters, but the cluster client is
+//! up or down as a whole, so an outage is not narrower.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};

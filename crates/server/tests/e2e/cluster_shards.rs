@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use chorus_pubsub::presence::redis::CLUSTER_SHARDS;
 use chorus_pubsub::shards::shard_of;
 use serde_json::{Value, json};
 
@@ -422,7 +423,8 @@ fn topic(prefix: &str, channel: &str) -> String {
 
 /// Three replicas on a Redis Cluster of three masters started here: sharded pub/sub
 /// (each node carries only SSUBSCRIBEs of its slots), exactly-once delivery on channels
-/// of every node, history (tagged keys on the node of their slot) and presence.
+/// of every node, history (tagged keys on the node of their slot) and presence (spread
+/// over the presence shards' hash tags).
 #[tokio::test]
 async fn redis_cluster_of_three_masters() {
     let cluster = RedisCluster::start(3);
@@ -535,6 +537,29 @@ async fn redis_cluster_of_three_masters() {
             }
         })
         .await;
+        // Its members are under its presence shard's hash tag, on that slot's node.
+        let members = format!(
+            "{}|cm|{channel}",
+            presence_tag(prefix, shard_of(&channel, CLUSTER_SHARDS))
+        );
+        let holder = &cluster.nodes[cluster.node_of(&members)];
+        assert_eq!(holder.redis_cli(&["EXISTS", &members]), ["1"], "{members}");
+    }
+    // Channel presence is spread over the masters: the presence shards' tags are not
+    // all in one node's slots.
+    let nodes: BTreeSet<usize> = (0..CLUSTER_SHARDS)
+        .map(|shard| cluster.node_of(&presence_tag(prefix, shard)))
+        .collect();
+    assert!(nodes.len() > 1, "{nodes:?}");
+}
+
+/// The hash tag of a presence shard's keys in a Redis Cluster: the home keeps the
+/// unsharded `{<prefix>}`.
+fn presence_tag(prefix: &str, shard: usize) -> String {
+    if shard == 0 {
+        format!("{{{prefix}}}")
+    } else {
+        format!("{{{prefix}|{shard}}}")
     }
 }
 
