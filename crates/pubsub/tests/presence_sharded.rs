@@ -1,17 +1,22 @@
 //! The presence scenarios against `ShardedPresence` over two real `redis-server`s (each
 //! scenario its own pair, on free ports), as two replicas with the same shard list
 //! would use it; then what only sharding can do wrong: a channel's keys on the wrong
-//! server, one server's outage, a dead replica's memberships on every shard.
+//! server, one server's outage, a dead replica's memberships on every shard, a shard
+//! that missed a write.
 
 mod presence_suite;
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chorus_pubsub::presence::redis::{self, RedisPresence};
 use chorus_pubsub::presence::sharded::ShardedPresence;
-use chorus_pubsub::presence::{PresenceError, PresenceStore};
+use chorus_pubsub::presence::{
+    Beat, Connected, Connection, Disconnected, Lost, Member, NodeStatus, Page, PresenceError,
+    PresenceStore, Stats, StoreFuture,
+};
 use presence_suite::{LONG_TTL, SHORT_TTL, SOON, Stores, connection};
 use support::{Kind, Server};
 
@@ -248,4 +253,142 @@ async fn a_dead_replicas_channels_on_every_shard_are_reported_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A store that fails every call with `Unreachable` while `down` is set, as a server
+/// that is briefly out of reach (but keeps its data) would.
+struct Flaky {
+    store: RedisPresence,
+    down: Arc<AtomicBool>,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), PresenceError> {
+        if self.down.load(Ordering::Acquire) {
+            Err(PresenceError::Unreachable("redis"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Delegates a method to the inner store unless down.
+macro_rules! flaky {
+    ($self:ident, $call:expr) => {
+        Box::pin(async move {
+            $self.check()?;
+            $call.await
+        })
+    };
+}
+
+impl PresenceStore for Flaky {
+    fn name(&self) -> &'static str {
+        self.store.name()
+    }
+    fn beat<'a>(&'a self, node: &'a str, started: u64, ttl: Duration) -> StoreFuture<'a, Beat> {
+        flaky!(self, self.store.beat(node, started, ttl))
+    }
+    fn retire<'a>(&'a self, node: &'a str) -> StoreFuture<'a, ()> {
+        flaky!(self, self.store.retire(node))
+    }
+    fn reap(&self, limit: usize) -> StoreFuture<'_, Vec<Lost>> {
+        flaky!(self, self.store.reap(limit))
+    }
+    fn reap_node<'a>(&'a self, node: &'a str, limit: usize) -> StoreFuture<'a, Vec<Lost>> {
+        flaky!(self, self.store.reap_node(node, limit))
+    }
+    fn connect<'a>(&'a self, c: &'a Connection, replace: bool) -> StoreFuture<'a, Connected> {
+        flaky!(self, self.store.connect(c, replace))
+    }
+    fn disconnect<'a>(&'a self, client: &'a str) -> StoreFuture<'a, Disconnected> {
+        flaky!(self, self.store.disconnect(client))
+    }
+    fn join<'a>(&'a self, channel: &'a str, member: &'a Member) -> StoreFuture<'a, ()> {
+        flaky!(self, self.store.join(channel, member))
+    }
+    fn leave<'a>(&'a self, channel: &'a str, client: &'a str) -> StoreFuture<'a, ()> {
+        flaky!(self, self.store.leave(channel, client))
+    }
+    fn stats<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Stats> {
+        flaky!(self, self.store.stats(channel))
+    }
+    fn page<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+        after: Option<&'a str>,
+    ) -> StoreFuture<'a, Page> {
+        flaky!(self, self.store.page(channel, limit, after))
+    }
+    fn user<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<Connection>> {
+        flaky!(self, self.store.user(user))
+    }
+    fn nodes(&self) -> StoreFuture<'_, Vec<NodeStatus>> {
+        flaky!(self, self.store.nodes())
+    }
+    fn set_channel_counts<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(String, u64)],
+    ) -> StoreFuture<'a, ()> {
+        flaky!(self, self.store.set_channel_counts(node, counts))
+    }
+    fn channels(&self) -> StoreFuture<'_, Vec<(String, u64)>> {
+        flaky!(self, self.store.channels())
+    }
+    fn count_targets<'a>(
+        &'a self,
+        users: &'a [String],
+        devices: &'a [String],
+        clients: &'a [String],
+    ) -> StoreFuture<'a, u64> {
+        flaky!(self, self.store.count_targets(users, devices, clients))
+    }
+}
+
+/// The second server is out of reach (keeping its data) while a member disconnects:
+/// its membership there is left behind. Once the server is back, the next beat removes
+/// this replica's memberships there and says to record again, so the ghost is gone and
+/// the live member comes back.
+#[tokio::test]
+async fn a_shard_that_missed_a_disconnect_is_resynced() {
+    let one = Server::start(Kind::Redis);
+    let two = Server::start(Kind::Redis);
+    let down = Arc::new(AtomicBool::new(false));
+    let store = ShardedPresence::new(vec![
+        Box::new(connected(&one.url()).await),
+        Box::new(Flaky {
+            store: connected(&two.url()).await,
+            down: Arc::clone(&down),
+        }),
+    ]);
+    let second = channel_on(&store, 1, "room");
+    store.beat("n1", 1, LONG_TTL).await.expect("beat");
+    assert!(store.beat("n1", 1, LONG_TTL).await.expect("beat").known);
+    let (alice, bob) = (
+        connection("n1", 1, Some("alice"), None),
+        connection("n1", 2, Some("bob"), None),
+    );
+    for c in [&alice, &bob] {
+        store.connect(c, false).await.expect("connect");
+        store.join(&second, &c.member()).await.expect("join");
+    }
+
+    down.store(true, Ordering::Release);
+    let gone = store.disconnect("n1/1").await.expect("the home answers");
+    assert!(gone.known && gone.last_of_user);
+    assert!(store.beat("n1", 1, LONG_TTL).await.expect("beat").known);
+    down.store(false, Ordering::Release);
+    // The ghost is still there...
+    assert_eq!(store.stats(&second).await.expect("stats").clients, 2);
+    // ...until the next beat resyncs the shard: this replica's memberships there are
+    // gone, and it is told to record them again.
+    assert!(!store.beat("n1", 1, LONG_TTL).await.expect("beat").known);
+    assert_eq!(store.stats(&second).await.expect("stats").clients, 0);
+    store.join(&second, &bob.member()).await.expect("join");
+    let page = store.page(&second, 10, None).await.expect("page");
+    let ids: Vec<&str> = page.members.iter().map(|m| m.client_id.as_str()).collect();
+    assert_eq!(ids, ["n1/2"]);
+    assert!(store.beat("n1", 1, LONG_TTL).await.expect("beat").known);
 }
