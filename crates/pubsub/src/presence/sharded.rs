@@ -16,15 +16,15 @@
 //! |---|---|
 //! | `join`, `leave`, `stats`, `page` | the channel's shard |
 //! | `connect`, `user`, `nodes`, `count_targets`, `set_channel_counts`, `channels`, `retire` | the home |
-//! | `disconnect` | every shard: the home decides `known` and `last_of_user`; `channels` is the union |
+//! | `disconnect` | the home, which decides `known` and `last_of_user`, and the shards the client joined channels on through this store (every shard for a client it does not know); `channels` is the union |
 //! | `beat` | every shard (the others with a longer liveness, see below); `known` only if every reachable shard knew this replica |
 //! | `reap`, `reap_node` | the home hands out each connection once, with its channels on every shard |
 //!
 //! The other shards hold only channel memberships. A store keeps a membership whose
 //! connection it never recorded, found through the member's node (see the Redis
 //! store's `no|<node>` key), so such memberships are removed with the connection
-//! (`disconnect` on every shard, which also reports the channels it removed) or with
-//! the replica.
+//! (`disconnect` on the shards it joined channels on, which also reports the channels
+//! it removed) or with the replica.
 //!
 //! # A dead replica
 //!
@@ -56,8 +56,9 @@
 //! hash): channel presence load spreads over the masters, but the cluster client is
 //! up or down as a whole, so an outage is not narrower.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -84,6 +85,12 @@ pub struct ShardedPresence {
     /// Per shard: a write to it failed, so it may hold this replica's memberships
     /// wrongly or miss some (never set for the home, whose failures the caller sees).
     stale: Vec<AtomicBool>,
+    /// Per client that joined through this store: the shards other than the home it
+    /// joined channels on (bit `i` for shard `i`, a superset), so that its disconnect
+    /// asks only those (a Redis Cluster has 16 shards; a client is usually on few). A
+    /// client missing here (joined through another replica's store) is removed from
+    /// every shard. `None` with more than 64 shards.
+    joined: Option<Mutex<HashMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for ShardedPresence {
@@ -105,7 +112,12 @@ impl ShardedPresence {
     pub fn new(shards: Vec<Box<dyn PresenceStore>>) -> Self {
         assert!(!shards.is_empty(), "sharded presence needs a shard");
         let stale = shards.iter().map(|_| AtomicBool::new(false)).collect();
-        Self { shards, stale }
+        let joined = (shards.len() <= 64).then(Mutex::default);
+        Self {
+            shards,
+            stale,
+            joined,
+        }
     }
 
     /// The shard (index) that holds `channel`'s members.
@@ -128,6 +140,22 @@ impl ShardedPresence {
             .enumerate()
             .skip(1)
             .map(|(index, shard)| (index, shard.as_ref()))
+    }
+
+    /// The shards other than the home where `client_id` may have memberships, and
+    /// forgets them (it is disconnecting).
+    fn take_joined(&self, client_id: &str) -> Option<u64> {
+        let joined = self.joined.as_ref()?;
+        lock(joined).remove(client_id)
+    }
+
+    fn note_joined(&self, client_id: &str, shard: usize) {
+        if shard == 0 {
+            return;
+        }
+        if let Some(joined) = &self.joined {
+            *lock(joined).entry(client_id.to_owned()).or_default() |= 1 << shard;
+        }
     }
 
     fn mark_stale(&self, shard: usize, what: &str, error: &PresenceError) {
@@ -314,10 +342,14 @@ impl PresenceStore for ShardedPresence {
     fn disconnect<'a>(&'a self, client_id: &'a str) -> StoreFuture<'a, Disconnected> {
         Box::pin(async move {
             let home = self.home().disconnect(client_id);
-            let away =
-                join_all(self.away().map(|(index, store)| async move {
-                    (index, store.disconnect(client_id).await)
-                }));
+            let shards = self.take_joined(client_id).unwrap_or(u64::MAX);
+            let away = join_all(
+                self.away()
+                    .filter(|(index, _)| shards & (1 << index) != 0)
+                    .map(
+                        |(index, store)| async move { (index, store.disconnect(client_id).await) },
+                    ),
+            );
             let (home, away) = futures_util::join!(home, away);
             let mut gone = home?;
             let mut channels: BTreeSet<String> =
@@ -334,7 +366,10 @@ impl PresenceStore for ShardedPresence {
     }
 
     fn join<'a>(&'a self, channel: &'a str, member: &'a Member) -> StoreFuture<'a, ()> {
-        self.channel_store(channel).join(channel, member)
+        let shard = self.shard_of(channel);
+        // Noted even if the join fails: it may have happened without its reply.
+        self.note_joined(&member.client_id, shard);
+        self.shards[shard].join(channel, member)
     }
 
     fn leave<'a>(&'a self, channel: &'a str, client_id: &'a str) -> StoreFuture<'a, ()> {
@@ -382,4 +417,10 @@ impl PresenceStore for ShardedPresence {
     ) -> StoreFuture<'a, u64> {
         self.home().count_targets(users, devices, clients)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
