@@ -361,6 +361,19 @@ return {1, last, channels}
 "#
 );
 
+/// ARGV: prefix, then client ids. Returns, per client, the channels whose membership
+/// it removed (connection records stay).
+const LEAVE_ALL: &str = concat!(
+    prelude!(),
+    r#"
+local out = {}
+for i = 2, #ARGV do
+  out[#out + 1] = leave_all(ARGV[i])
+end
+return out
+"#
+);
+
 /// ARGV: prefix, channel, client, has_user, user, record.
 const JOIN: &str = concat!(
     prelude!(),
@@ -548,6 +561,7 @@ struct Scripts {
     reap_node: Script,
     connect: Script,
     disconnect: Script,
+    leave_all: Script,
     join: Script,
     leave: Script,
     set_counts: Script,
@@ -568,6 +582,7 @@ impl Scripts {
             reap_node: Script::new(REAP_NODE),
             connect: Script::new(CONNECT),
             disconnect: Script::new(DISCONNECT),
+            leave_all: Script::new(LEAVE_ALL),
             join: Script::new(JOIN),
             leave: Script::new(LEAVE),
             set_counts: Script::new(SET_COUNTS),
@@ -1015,6 +1030,24 @@ impl PresenceStore for RedisPresence {
                 last_of_user: flag(&last)?,
                 channels: channel_list(channels)?,
             })
+        })
+    }
+
+    fn leave_all<'a>(&'a self, client_ids: &'a [String]) -> StoreFuture<'a, Vec<Vec<String>>> {
+        Box::pin(async move {
+            let mut removed = Vec::with_capacity(client_ids.len());
+            // Bounded scripts: Redis runs one at a time.
+            for chunk in client_ids.chunks(MAX_REAP) {
+                let args = chunk.iter().map(|id| Value::from(id.as_str())).collect();
+                let reply = array(self.run(&self.scripts.leave_all, args).await?)?;
+                if reply.len() != chunk.len() {
+                    return Err(corrupt("a short leave_all reply".to_owned()));
+                }
+                for channels in reply {
+                    removed.push(channel_list(channels)?);
+                }
+            }
+            Ok(removed)
         })
     }
 

@@ -209,26 +209,36 @@ impl ShardedPresence {
     /// Adds to each connection the channels it had on the other shards, removing its
     /// memberships there. A shard that fails keeps them until it reaps the replica.
     async fn with_away_channels(&self, mut lost: Vec<Lost>) -> Vec<Lost> {
-        let removals = lost.iter().map(|lost| {
-            let client_id = lost.connection.client_id.as_str();
-            join_all(self.away().map(move |(index, store)| async move {
-                (index, store.disconnect(client_id).await)
-            }))
-        });
-        let removed = join_all(removals).await;
-        for (lost, removed) in lost.iter_mut().zip(removed) {
-            let mut channels: BTreeSet<String> =
-                std::mem::take(&mut lost.channels).into_iter().collect();
-            for (shard, result) in removed {
-                match result {
-                    Ok(gone) => channels.extend(gone.channels),
-                    Err(error) => tracing::debug!(
-                        shard,
-                        %error,
-                        "could not remove a reaped connection's memberships from a presence shard; it reaps them later"
-                    ),
+        let clients: Vec<String> = lost
+            .iter()
+            .map(|lost| lost.connection.client_id.clone())
+            .collect();
+        let clients = &clients;
+        // One call per shard for the whole batch.
+        let removals = join_all(
+            self.away()
+                .map(|(index, store)| async move { (index, store.leave_all(clients).await) }),
+        )
+        .await;
+        let mut channels: Vec<BTreeSet<String>> = lost
+            .iter_mut()
+            .map(|lost| std::mem::take(&mut lost.channels).into_iter().collect())
+            .collect();
+        for (shard, removed) in removals {
+            match removed {
+                Ok(removed) => {
+                    for (all, more) in channels.iter_mut().zip(removed) {
+                        all.extend(more);
+                    }
                 }
+                Err(error) => tracing::debug!(
+                    shard,
+                    %error,
+                    "could not remove reaped connections' memberships from a presence shard; it reaps them later"
+                ),
             }
+        }
+        for (lost, channels) in lost.iter_mut().zip(channels) {
             lost.channels = channels.into_iter().collect();
         }
         lost
