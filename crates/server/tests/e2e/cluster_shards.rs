@@ -341,16 +341,21 @@ async fn a_shard_outage_stops_only_its_channels() {
         publish_to_survivors(&mut publisher, &mut subscriber).await;
     }
     // Presence of the other shards' channels answers; the stopped one's does not.
+    // (Eventually: a replica whose first liveness beat comes only now removes what an
+    // earlier process of its node id left, its own early records included, and records
+    // them again at once.)
     for (shard, channel) in tracked.iter().enumerate() {
-        let answer = presence_of(addrs[0], channel).await;
         if shard == 1 {
-            assert_eq!(answer, Err(-32053), "{channel}");
-        } else {
             assert_eq!(
-                answer,
-                Ok((1, json!({"clients": 1, "users": 0}))),
+                presence_of(addrs[0], channel).await,
+                Err(-32053),
                 "{channel}"
             );
+        } else {
+            eventually("presence of another shard's channel to answer", || async {
+                presence_of(addrs[0], channel).await == Ok((1, json!({"clients": 1, "users": 0})))
+            })
+            .await;
         }
     }
     // The broadcast topic lives on one shard: it works unless that one is down.
