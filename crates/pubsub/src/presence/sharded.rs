@@ -29,9 +29,10 @@
 //! # A dead replica
 //!
 //! The home reaps each connection of a dead replica once (to exactly one caller); that
-//! caller then removes the connection's memberships from every other shard
-//! (`disconnect` there) and reports all its channels in the one [`Lost`], so every
-//! channel's leave is reported once. A replica's liveness on the other shards lasts
+//! caller then removes the connections' memberships from every other shard
+//! ([`PresenceStore::leave_all`], one call per shard per batch) and reports all of a
+//! connection's channels in its one [`Lost`], so every channel's leave is reported
+//! once. A replica's liveness on the other shards lasts
 //! [`AWAY_TTL_FACTOR`] times longer than at home, so those shards forget a dead
 //! replica's leftovers (memberships whose removal failed) only well after the home's
 //! reapers have taken what they report; reaping the other shards is done when the home
@@ -41,8 +42,9 @@
 //! # A shard that is down
 //!
 //! Only the calls that need it fail, with its [`PresenceError::Unreachable`]: channel
-//! calls on its channels, and calls that need every shard. A failed write to a shard
-//! other than the home (a disconnect, a beat, a reap's cleanup) marks that shard stale:
+//! calls on its channels (and everything while the home is down). A failed write to a
+//! shard other than the home (a disconnect, a beat, a start-up `reap_node`) marks that
+//! shard stale:
 //! the next beat that reaches it first removes this replica's memberships there
 //! (`reap_node`, quietly: they may include some that should have gone while it was
 //! down) and then reports `known: false`, so the replica records its memberships again.
