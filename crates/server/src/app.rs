@@ -403,8 +403,10 @@ async fn presence_store(
     Ok(match &config.cluster.backbone {
         Backbone::Standalone => Arc::new(MemoryPresence::new()),
         Backbone::Local => Arc::new(bus.map_or_else(MemoryPresence::new, LocalBus::presence)),
-        Backbone::Redis { url } => Arc::new(
-            chorus_pubsub::presence::redis::connect(url, prefix)
+        // Several servers: each channel's presence on the channel's server, as its
+        // traffic and history (one server or a Redis Cluster: one store, as before).
+        Backbone::Redis { url } => Arc::from(
+            chorus_pubsub::presence::redis::connect_shards(url, prefix)
                 .await
                 .map_err(failed)?,
         ),

@@ -424,10 +424,12 @@ impl Worker {
             }
             let member = record.connection.member();
             for channel in &record.channels {
+                // Not a reason to skip its other channels: with presence sharded by
+                // channel (several Redis servers), one server being down fails only its
+                // own channels.
                 if let Err(error) = timed(store.join(channel, &member)).await {
                     presence.failed("record again", &error);
                     failed = true;
-                    break;
                 }
             }
         }

@@ -16,6 +16,7 @@
 pub mod memory;
 pub mod nats;
 pub mod redis;
+pub mod sharded;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -210,6 +211,20 @@ pub trait PresenceStore: Send + Sync + 'static {
 
     /// Removes a connection and its channel memberships.
     fn disconnect<'a>(&'a self, client_id: &'a str) -> StoreFuture<'a, Disconnected>;
+
+    /// Removes every channel membership of each of `client_ids` (not their
+    /// connections); returns, per client in order, the channels it was in.
+    /// [`sharded::ShardedPresence`] calls it on the shards that hold only memberships,
+    /// where the default (a disconnect per client) does the same in more round trips.
+    fn leave_all<'a>(&'a self, client_ids: &'a [String]) -> StoreFuture<'a, Vec<Vec<String>>> {
+        Box::pin(async move {
+            let mut channels = Vec::with_capacity(client_ids.len());
+            for client_id in client_ids {
+                channels.push(self.disconnect(client_id).await?.channels);
+            }
+            Ok(channels)
+        })
+    }
 
     /// Adds `member` to `channel` (the connection should be recorded first).
     fn join<'a>(&'a self, channel: &'a str, member: &'a Member) -> StoreFuture<'a, ()>;

@@ -1,4 +1,5 @@
-//! Presence in Redis (one server, 7.0 or later; with several shards, the first), on one dedicated `fred` client that
+//! Presence in Redis (one server, 7.0 or later; with several shards, one store per
+//! server under [`ShardedPresence`], see [`connect_shards`]), on one dedicated `fred` client that
 //! reconnects forever (`crate::redis::link::StoreLink`, shared with the backbone and the
 //! history store). While it is disconnected every call fails at once with
 //! [`PresenceError::Unreachable`].
@@ -16,8 +17,11 @@
 //! The scripts build key names from their arguments rather than declaring them as
 //! KEYS: fine on one server. In a Redis Cluster the prefix becomes `{<prefix>}`, a hash
 //! tag that puts every key in one slot, and the scripts are sent to that slot's node:
-//! presence lives on one node of the cluster (as it lives on the first of several
-//! shards), because a connection's transitions span its channels atomically.
+//! one store lives on one node of the cluster, because a connection's transitions span
+//! its channels atomically. [`connect_shards`] spreads channel presence: over a list
+//! of servers, each channel's members on the channel's server and connections on the
+//! first; over a cluster, on [`CLUSTER_SHARDS`] stores, each with its own hash tag
+//! `{<prefix>|<i>}` (the first keeps `{<prefix>}`), so over its masters.
 //!
 //! # Keys
 //!
@@ -50,6 +54,7 @@
 //! field already holds it); the node id is left out when the client id names it. The
 //! scripts decode records only to find the user, device and node to unindex.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +62,7 @@ use fred::prelude::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::sharded::ShardedPresence;
 use super::{
     Beat, Connected, Connection, Disconnected, Lost, MAX_PAGE, Member, NodeStatus, Page,
     PresenceError, PresenceStore, Stats, StoreFuture, node_of_client,
@@ -338,7 +344,9 @@ return {first, replaced}
 "#
 );
 
-/// ARGV: prefix, client. Returns {known, last_of_user, channels}.
+/// ARGV: prefix, client. Returns {known, last_of_user, channels}. The channels of a
+/// client whose connection is not recorded here are removed and returned too: a
+/// shard of `ShardedPresence` other than the home holds only memberships.
 const DISCONNECT: &str = concat!(
     prelude!(),
     r#"
@@ -346,10 +354,23 @@ local client = ARGV[2]
 local channels = leave_all(client)
 local raw = redis.call('HGET', CONN, client)
 if not raw then
-  return {0, 0, {}}
+  return {0, 0, channels}
 end
 local last = drop_connection(client, raw) and 1 or 0
 return {1, last, channels}
+"#
+);
+
+/// ARGV: prefix, then client ids. Returns, per client, the channels whose membership
+/// it removed (connection records stay).
+const LEAVE_ALL: &str = concat!(
+    prelude!(),
+    r#"
+local out = {}
+for i = 2, #ARGV do
+  out[#out + 1] = leave_all(ARGV[i])
+end
+return out
 "#
 );
 
@@ -540,6 +561,7 @@ struct Scripts {
     reap_node: Script,
     connect: Script,
     disconnect: Script,
+    leave_all: Script,
     join: Script,
     leave: Script,
     set_counts: Script,
@@ -560,6 +582,7 @@ impl Scripts {
             reap_node: Script::new(REAP_NODE),
             connect: Script::new(CONNECT),
             disconnect: Script::new(DISCONNECT),
+            leave_all: Script::new(LEAVE_ALL),
             join: Script::new(JOIN),
             leave: Script::new(LEAVE),
             set_counts: Script::new(SET_COUNTS),
@@ -761,8 +784,10 @@ fn optional(value: Option<&str>) -> [Value; 2] {
 pub struct RedisPresence {
     /// Fails every call at once while disconnected, and never writes a command twice:
     /// a reaping script replayed after a lost reply would hand its connections to nobody.
-    link: StoreLink,
-    /// `"<prefix>|"`, the start of every key.
+    link: Arc<StoreLink>,
+    /// In a Redis Cluster, the slot of this store's hash tag, where its scripts go.
+    home: Option<u16>,
+    /// `"<prefix>|"` (or `"<tag>|"`), the start of every key.
     keys: Value,
     scripts: Scripts,
 }
@@ -800,28 +825,84 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceE
             reason: format!("invalid key prefix {prefix:?}: expected [A-Za-z0-9_.:-]+"),
         });
     }
-    // With several servers (the backbone's shards), presence lives whole on the first:
-    // its transitions span a connection's channels in one script, which one server
-    // keeps atomic.
-    let urls = crate::redis::shard_urls(url).map_err(|error| PresenceError::Unavailable {
+    // With several servers this is the home store of [`connect_shards`]: the first.
+    let urls = shard_list(url)?;
+    connect_one(&urls[0], prefix)
+}
+
+/// Like [`connect`], but a comma-separated list of servers (the backbone's shards, in
+/// the same order) gives a [`ShardedPresence`]: each channel's members on the server
+/// that carries the channel, connections and replicas on the first. One server gives
+/// one [`RedisPresence`], exactly as [`connect`]. A Redis Cluster gives a
+/// [`ShardedPresence`] over [`CLUSTER_SHARDS`] stores on the same connection, one hash
+/// tag each, the first with [`connect`]'s keys.
+pub async fn connect_shards(
+    url: &str,
+    prefix: &str,
+) -> Result<Box<dyn PresenceStore>, PresenceError> {
+    let urls = shard_list(url)?;
+    if urls.len() == 1 {
+        let home = connect(url, prefix).await?;
+        if !home.link.is_cluster() {
+            return Ok(Box::new(home));
+        }
+        // A Redis Cluster: the same connection, channel presence spread over
+        // `CLUSTER_SHARDS` hash tags (slots), so over the masters.
+        let mut shards: Vec<Box<dyn PresenceStore>> = Vec::with_capacity(CLUSTER_SHARDS);
+        let link = Arc::clone(&home.link);
+        shards.push(Box::new(home));
+        for index in 1..CLUSTER_SHARDS {
+            let tag = format!("{{{prefix}|{index}}}");
+            shards.push(Box::new(RedisPresence::on(
+                Arc::clone(&link),
+                prefix,
+                Some(tag),
+            )));
+        }
+        return Ok(Box::new(ShardedPresence::new(shards)));
+    }
+    let mut shards: Vec<Box<dyn PresenceStore>> = Vec::with_capacity(urls.len());
+    for url in &urls {
+        shards.push(Box::new(connect(url, prefix).await?));
+    }
+    Ok(Box::new(ShardedPresence::new(shards)))
+}
+
+fn shard_list(url: &str) -> Result<Vec<String>, PresenceError> {
+    crate::redis::shard_urls(url).map_err(|error| PresenceError::Unavailable {
         store: NAME,
         reason: error.to_string(),
-    })?;
-    let mut link = StoreLink::connect(&urls[0], "presence")?;
+    })
+}
+
+fn connect_one(url: &str, prefix: &str) -> Result<RedisPresence, PresenceError> {
+    let link = Arc::new(StoreLink::connect(url, "presence")?);
     // In a Redis Cluster every key starts with the hash tag `{<prefix>}`: all of them
     // are in one slot, on one node, as the scripts need (they touch many keys).
-    let keys = if link.is_cluster() {
-        let keys = format!("{{{prefix}}}|");
-        link = link.home(&keys);
-        keys
-    } else {
-        format!("{prefix}|")
-    };
-    Ok(RedisPresence {
-        link,
-        keys: Value::from(keys),
-        scripts: Scripts::new(),
-    })
+    let tag = link.is_cluster().then(|| format!("{{{prefix}}}"));
+    Ok(RedisPresence::on(link, prefix, tag))
+}
+
+/// In a Redis Cluster, the stores [`connect_shards`] spreads channel presence over:
+/// the home (tag `{<prefix>}`, the same keys as [`connect`]) and `CLUSTER_SHARDS - 1`
+/// more, tagged `{<prefix>|<i>}` (a prefix cannot contain `|`, so no other cluster's
+/// tag is the same), each a slot of its own that Redis places on some master. Fixed:
+/// changing it would move most channels' presence.
+pub const CLUSTER_SHARDS: usize = 16;
+
+impl RedisPresence {
+    /// A store on `link` whose keys start with `<tag>|` (in a cluster, a hash tag that
+    /// puts them all in one slot, where the scripts are sent) or `<prefix>|`.
+    fn on(link: Arc<StoreLink>, prefix: &str, tag: Option<String>) -> Self {
+        let home = tag.as_deref().map(crate::redis::link::slot);
+        let keys = format!("{}|", tag.as_deref().unwrap_or(prefix));
+        Self {
+            link,
+            home,
+            keys: Value::from(keys),
+            scripts: Scripts::new(),
+        }
+    }
 }
 
 impl RedisPresence {
@@ -841,7 +922,10 @@ impl RedisPresence {
         let mut argv = Vec::with_capacity(args.len() + 1);
         argv.push(self.keys.clone());
         argv.extend(args);
-        Ok(self.link.run(script, Vec::new(), argv).await?)
+        Ok(self
+            .link
+            .run_at(script, Vec::new(), argv, self.home)
+            .await?)
     }
 
     /// Runs a reaping script until it hands out connections or finds nothing left: a
@@ -946,6 +1030,24 @@ impl PresenceStore for RedisPresence {
                 last_of_user: flag(&last)?,
                 channels: channel_list(channels)?,
             })
+        })
+    }
+
+    fn leave_all<'a>(&'a self, client_ids: &'a [String]) -> StoreFuture<'a, Vec<Vec<String>>> {
+        Box::pin(async move {
+            let mut removed = Vec::with_capacity(client_ids.len());
+            // Bounded scripts: Redis runs one at a time.
+            for chunk in client_ids.chunks(MAX_REAP) {
+                let args = chunk.iter().map(|id| Value::from(id.as_str())).collect();
+                let reply = array(self.run(&self.scripts.leave_all, args).await?)?;
+                if reply.len() != chunk.len() {
+                    return Err(corrupt("a short leave_all reply".to_owned()));
+                }
+                for channels in reply {
+                    removed.push(channel_list(channels)?);
+                }
+            }
+            Ok(removed)
         })
     }
 

@@ -273,9 +273,6 @@ pub(crate) struct StoreLink {
     /// A Redis Cluster: commands go to the node that holds their keys' slot, and
     /// scripts are sent whole (EVAL): a SCRIPT LOAD would reach only one node.
     cluster: bool,
-    /// In a cluster, the slot of scripts that declare no KEYS (they build every key
-    /// name with the same hash tag); see [`StoreLink::home`].
-    home: Option<u16>,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -313,7 +310,6 @@ impl StoreLink {
                 ..Options::default()
             },
             cluster,
-            home: None,
             _tasks: tasks,
         })
     }
@@ -321,12 +317,6 @@ impl StoreLink {
     /// Whether this is a connection to a Redis Cluster.
     pub(crate) fn is_cluster(&self) -> bool {
         self.cluster
-    }
-
-    /// Sends scripts without KEYS to the node that holds `key`'s slot (a cluster only).
-    pub(crate) fn home(mut self, key: &str) -> Self {
-        self.home = Some(fred::util::redis_keyslot(key.as_bytes()));
-        self
     }
 
     /// Whether the connection to Redis is up.
@@ -364,13 +354,26 @@ impl StoreLink {
         keys: Vec<Value>,
         args: Vec<Value>,
     ) -> Result<Value, Failure> {
+        self.run_at(script, keys, args, None).await
+    }
+
+    /// [`StoreLink::run`] for a script that declares no KEYS but builds every key name
+    /// with one hash tag: in a cluster it is sent to `home`, that tag's slot (see
+    /// [`slot`]).
+    pub(crate) async fn run_at(
+        &self,
+        script: &Script,
+        keys: Vec<Value>,
+        args: Vec<Value>,
+        home: Option<u16>,
+    ) -> Result<Value, Failure> {
         if !self.is_connected() {
             return Err(Failure::Unreachable);
         }
         let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
         // Route by the first key's slot (computed here: what fred would hash is not
         // the key for a custom command), or by the home slot.
-        let route = match (keys.first(), self.home) {
+        let route = match (keys.first(), home) {
             (Some(key), _) => slot_of(key),
             (None, Some(slot)) => ClusterHash::Custom(slot),
             (None, None) => ClusterHash::Random,
@@ -432,6 +435,11 @@ impl StoreLink {
             .custom(CustomCommand::new_static(name, route, false), args)
             .await
     }
+}
+
+/// The cluster hash slot of `key` (of its hash tag, when it has one).
+pub(crate) fn slot(key: &str) -> u16 {
+    fred::util::redis_keyslot(key.as_bytes())
 }
 
 /// The hash slot of a key.

@@ -1,16 +1,20 @@
 //! Three `chorus` processes on two and on three Redis servers (`WS_REDIS_URL` lists
 //! them): channels are spread over the servers by consistent hashing, each server
-//! carries only its channels' subscriptions, history lives with its channel, and one
-//! server's outage stops only its own channels.
+//! carries only its channels' subscriptions, history and presence live with their
+//! channel, and one server's outage stops only its own channels (their presence too).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use chorus_pubsub::presence::redis::CLUSTER_SHARDS;
 use chorus_pubsub::shards::shard_of;
 use serde_json::{Value, json};
 
 use crate::backbone::{Kind, RedisCluster, Server};
-use crate::support::{Client, ServerProcess, eventually, http_get, metric, ws_url};
+use crate::support::{
+    Client, ServerProcess, eventually, eventually_within, http_get, metric, ws_url,
+};
 
 /// `h:` channels keep history and track presence.
 const NAMESPACES: &str = r#"{"h": {"history_size": 10, "presence": true}}"#;
@@ -221,6 +225,46 @@ async fn every_shard_delivers_once_and_holds_only_its_channels(count: usize) {
             }
         })
         .await;
+        // Its members (the member and the reader) live on its shard only.
+        let stats = reader
+            .ok("presence_stats", json!({"channel": channel}))
+            .await;
+        assert_eq!(stats, json!({"clients": 2, "users": 0}));
+        let members = format!("{prefix}|cm|{channel}");
+        for (other, server) in servers.iter().enumerate() {
+            let exists = server.redis_cli(&["EXISTS", &members]);
+            let wanted = if other == shard { "1" } else { "0" };
+            assert_eq!(exists, [wanted], "{members} on shard {other}");
+        }
+    }
+    // Connection records live on the first server (the home) only.
+    let connections = format!("{prefix}|conn");
+    for (shard, server) in servers.iter().enumerate() {
+        let wanted = if shard == 0 { "1" } else { "0" };
+        assert_eq!(
+            server.redis_cli(&["EXISTS", &connections]),
+            [wanted],
+            "{connections} on shard {shard}"
+        );
+    }
+}
+
+/// `presence` and `presence_stats` of `channel` asked on `addr`: the result, or the
+/// error code.
+async fn presence_of(addr: SocketAddr, channel: &str) -> Result<(usize, Value), i64> {
+    let mut client = Client::connect(addr).await;
+    let members = client.call("presence", json!({"channel": channel})).await;
+    let stats = client
+        .call("presence_stats", json!({"channel": channel}))
+        .await;
+    match (members.get("error"), stats.get("error")) {
+        (None, None) => Ok((
+            members["result"]["clients"]
+                .as_array()
+                .map_or(0, std::vec::Vec::len),
+            stats["result"].clone(),
+        )),
+        (Some(error), _) | (None, Some(error)) => Err(error["code"].as_i64().unwrap_or(0)),
     }
 }
 
@@ -233,7 +277,7 @@ async fn a_shard_outage_stops_only_its_channels() {
     let processes = replicas(&servers, prefix).await;
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
     let channels: Vec<String> = (0..COUNT).map(|s| channel_on("room", s, COUNT)).collect();
-    // Shard 1 goes down; presence lives on shard 0, which stays.
+    // Shard 1 goes down; connections (presence's home) live on shard 0, which stays.
     let (down, stays) = (&channels[1], [&channels[0], &channels[2]]);
 
     let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
@@ -259,6 +303,18 @@ async fn a_shard_outage_stops_only_its_channels() {
     for _ in 0..10 {
         publish_to_survivors(&mut publisher, &mut subscriber).await;
     }
+    // Presence on a channel of every shard, each on its own shard: a member on replica 2.
+    let tracked: Vec<String> = (0..COUNT).map(|s| channel_on("h", s, COUNT)).collect();
+    let mut member = Client::connect_url(&ws_url(addrs[2])).await;
+    for channel in &tracked {
+        member.ok("subscribe", json!({"channel": channel})).await;
+        eventually("the member to appear in presence", || async {
+            presence_of(addrs[0], channel)
+                .await
+                .is_ok_and(|(n, _)| n == 1)
+        })
+        .await;
+    }
 
     servers[1].stop();
     eventually("/health to report the shard down", || async {
@@ -283,6 +339,24 @@ async fn a_shard_outage_stops_only_its_channels() {
     assert_eq!(reply["error"]["data"], json!({"delivered": "local"}));
     for _ in 0..10 {
         publish_to_survivors(&mut publisher, &mut subscriber).await;
+    }
+    // Presence of the other shards' channels answers; the stopped one's does not.
+    // (Eventually: a replica whose first liveness beat comes only now removes what an
+    // earlier process of its node id left, its own early records included, and records
+    // them again at once.)
+    for (shard, channel) in tracked.iter().enumerate() {
+        if shard == 1 {
+            assert_eq!(
+                presence_of(addrs[0], channel).await,
+                Err(-32053),
+                "{channel}"
+            );
+        } else {
+            eventually("presence of another shard's channel to answer", || async {
+                presence_of(addrs[0], channel).await == Ok((1, json!({"clients": 1, "users": 0})))
+            })
+            .await;
+        }
     }
     // The broadcast topic lives on one shard: it works unless that one is down.
     let broadcast = publisher
@@ -318,6 +392,18 @@ async fn a_shard_outage_stops_only_its_channels() {
         publish_to_survivors(&mut publisher, &mut subscriber).await;
     }
     subscriber.assert_nothing_pending().await;
+    // The server came back empty: at its next beats (every `WS_PRESENCE_TTL` / 5) the
+    // replicas record their members there again; the other channels never stopped.
+    for channel in &tracked {
+        eventually_within(
+            Duration::from_secs(30),
+            "presence to answer on every shard again",
+            || async {
+                presence_of(addrs[0], channel).await == Ok((1, json!({"clients": 1, "users": 0})))
+            },
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -342,7 +428,8 @@ fn topic(prefix: &str, channel: &str) -> String {
 
 /// Three replicas on a Redis Cluster of three masters started here: sharded pub/sub
 /// (each node carries only SSUBSCRIBEs of its slots), exactly-once delivery on channels
-/// of every node, history (tagged keys on the node of their slot) and presence.
+/// of every node, history (tagged keys on the node of their slot) and presence (spread
+/// over the presence shards' hash tags).
 #[tokio::test]
 async fn redis_cluster_of_three_masters() {
     let cluster = RedisCluster::start(3);
@@ -455,6 +542,29 @@ async fn redis_cluster_of_three_masters() {
             }
         })
         .await;
+        // Its members are under its presence shard's hash tag, on that slot's node.
+        let members = format!(
+            "{}|cm|{channel}",
+            presence_tag(prefix, shard_of(&channel, CLUSTER_SHARDS))
+        );
+        let holder = &cluster.nodes[cluster.node_of(&members)];
+        assert_eq!(holder.redis_cli(&["EXISTS", &members]), ["1"], "{members}");
+    }
+    // Channel presence is spread over the masters: the presence shards' tags are not
+    // all in one node's slots.
+    let nodes: BTreeSet<usize> = (0..CLUSTER_SHARDS)
+        .map(|shard| cluster.node_of(&presence_tag(prefix, shard)))
+        .collect();
+    assert!(nodes.len() > 1, "{nodes:?}");
+}
+
+/// The hash tag of a presence shard's keys in a Redis Cluster: the home keeps the
+/// unsharded `{<prefix>}`.
+fn presence_tag(prefix: &str, shard: usize) -> String {
+    if shard == 0 {
+        format!("{{{prefix}}}")
+    } else {
+        format!("{{{prefix}|{shard}}}")
     }
 }
 
