@@ -401,7 +401,7 @@ async fn presence_store(
         reason: err.to_string(),
     };
     Ok(match &config.cluster.backbone {
-        Backbone::Standalone => Arc::new(MemoryPresence::new()),
+        Backbone::Standalone => Arc::new(MemoryPresence::own()),
         Backbone::Local => Arc::new(bus.map_or_else(MemoryPresence::new, LocalBus::presence)),
         Backbone::Redis { url } => Arc::new(
             chorus_pubsub::presence::redis::connect(url, prefix)
