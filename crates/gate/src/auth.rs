@@ -357,7 +357,13 @@ fn identity_of(claims: Claims, require_user: bool) -> Result<Identity, AuthError
                     "channel patterns are names, prefixes ending in *, or *",
                 ))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()
+            // Kept for the connection's life: collecting through `Result` leaves room
+            // for four.
+            .map(|mut list| {
+                list.shrink_to_fit();
+                list
+            })
     };
     let present =
         claims.channels.is_some() || claims.subscribe.is_some() || claims.publish.is_some();

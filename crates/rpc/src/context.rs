@@ -49,8 +49,8 @@ pub struct Caller {
     /// Headers of the upgrade request that every proxy request of the connection
     /// carries (lower-case name, value).
     forwarded: Vec<(String, String)>,
-    /// Proxy requests of this connection in flight.
-    proxied: Arc<std::sync::atomic::AtomicUsize>,
+    /// Proxy requests of this connection in flight; created by the first one.
+    proxied: OnceLock<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Caller {
@@ -73,7 +73,7 @@ impl Caller {
             identity: RwLock::new(identity),
             order: OnceLock::new(),
             forwarded: Vec::new(),
-            proxied: Arc::default(),
+            proxied: OnceLock::new(),
         }
     }
 
@@ -91,7 +91,7 @@ impl Caller {
 
     /// One of the connection's `max` proxy requests in flight, if one is free.
     pub fn proxy_slot(&self, max: usize) -> Option<crate::Slot> {
-        crate::Slot::take(&self.proxied, max)
+        crate::Slot::take(self.proxied.get_or_init(Arc::default), max)
     }
 
     /// The server API (one per request): no grants, no budgets, replies up to
@@ -105,7 +105,7 @@ impl Caller {
             identity: RwLock::new(Identity::anonymous()),
             order: OnceLock::new(),
             forwarded: Vec::new(),
-            proxied: Arc::default(),
+            proxied: OnceLock::new(),
         }
     }
 

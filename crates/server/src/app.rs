@@ -401,7 +401,7 @@ async fn presence_store(
         reason: err.to_string(),
     };
     Ok(match &config.cluster.backbone {
-        Backbone::Standalone => Arc::new(MemoryPresence::new()),
+        Backbone::Standalone => Arc::new(MemoryPresence::own()),
         Backbone::Local => Arc::new(bus.map_or_else(MemoryPresence::new, LocalBus::presence)),
         // Several servers: each channel's presence on the channel's server, as its
         // traffic and history (one server or a Redis Cluster: one store, as before).

@@ -259,8 +259,9 @@ pub struct ClusterNode {
     namespaces: Namespaces,
     presence: Arc<Presence>,
     history: Arc<Histories>,
-    /// Each local client as a channel member (who it is, its token's `info`).
-    members: Mutex<HashMap<ClientId, Member>>,
+    /// The token's `info` of each local client that has one; the rest of a client as
+    /// a channel member is its own identity (no copy per connection).
+    infos: Mutex<HashMap<ClientId, Box<RawValue>>>,
     /// Milliseconds since `started` when an envelope from another process with this
     /// node id was last seen, plus one; 0 for never.
     twin_seen_ms: AtomicU64,
@@ -306,7 +307,7 @@ impl ClusterNode {
                 namespaces,
                 presence: presence(effects),
                 history,
-                members: Mutex::default(),
+                infos: Mutex::default(),
                 twin_seen_ms: AtomicU64::new(0),
                 started: Instant::now(),
                 metrics,
@@ -551,7 +552,9 @@ impl ClusterNode {
         client: &ClientHandle,
         connection: Connection,
     ) -> impl Future<Output = ()> + Send + use<> {
-        lock(&self.members).insert(client.id(), connection.member());
+        if let Some(info) = &connection.info {
+            lock(&self.infos).insert(client.id(), info.clone());
+        }
         let identity = client.identity();
         let mut waits: Vec<std::pin::Pin<Box<dyn Future<Output = bool> + Send>>> = Vec::new();
         for interest in [
@@ -576,7 +579,8 @@ impl ClusterNode {
     /// presence, and from its channels (`sys.leave` where the namespace asks).
     pub fn disconnect(&self, client: &ClientHandle, reason: Reason) {
         let channels = client.subscriptions();
-        let member = lock(&self.members).remove(&client.id());
+        let member = (!channels.is_empty()).then(|| self.member(client));
+        lock(&self.infos).remove(&client.id());
         for channel in &channels {
             self.history.sequences().forget(channel, client);
         }
@@ -925,16 +929,14 @@ impl ClusterNode {
     }
 
     fn member(&self, client: &ClientHandle) -> Member {
-        lock(&self.members)
-            .get(&client.id())
-            .cloned()
-            .unwrap_or_else(|| Member {
-                client_id: self.client_id(client.id()),
-                node_id: self.node_id.clone(),
-                user: client.identity().user.as_deref().map(str::to_owned),
-                device: client.identity().device.as_deref().map(str::to_owned),
-                info: None,
-            })
+        let identity = client.identity();
+        Member {
+            client_id: self.client_id(client.id()),
+            node_id: self.node_id.clone(),
+            user: identity.user.as_deref().map(str::to_owned),
+            device: identity.device.as_deref().map(str::to_owned),
+            info: lock(&self.infos).get(&client.id()).cloned(),
+        }
     }
 
     fn read<T: Send + 'static>(

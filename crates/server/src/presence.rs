@@ -6,7 +6,8 @@
 //! connection is recorded before its memberships and removed after them. The task
 //! also remembers what it recorded: when the store lost it (a restart without
 //! persistence, this replica presumed dead while it stalled, an outage that failed
-//! some writes), it records everything again. Reads go to the store directly.
+//! some writes), it records everything again. A store that cannot lose anything (a
+//! standalone replica's own) is not copied. Reads go to the store directly.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,6 +213,7 @@ impl Presence {
 struct Worker {
     presence: Weak<Presence>,
     effects: Weak<dyn Effects>,
+    /// Empty when the store keeps everything (its copy is the only one).
     records: HashMap<String, Record>,
     /// Leftovers of an earlier process with this node id were reaped.
     started: bool,
@@ -291,24 +293,27 @@ impl Worker {
                     }
                     Err(error) => presence.failed("connect", &error),
                 }
-                self.records.insert(
-                    connection.client_id.clone(),
-                    Record {
-                        connection,
-                        channels: BTreeSet::new(),
-                    },
-                );
+                if !store.keeps_everything() {
+                    self.records.insert(
+                        connection.client_id.clone(),
+                        Record {
+                            connection,
+                            channels: BTreeSet::new(),
+                        },
+                    );
+                }
                 let _ = done.send(());
             }
             Op::Disconnect { client_id, reason } => {
                 let record = self.records.remove(&client_id);
                 match timed(store.disconnect(&client_id)).await {
                     Ok(gone) if gone.known => {
-                        if let Some(record) = &record {
+                        let connection = record.map(|record| record.connection).or(gone.connection);
+                        if let Some(connection) = &connection {
                             let lifecycle = &presence.lifecycle;
-                            lifecycle.emit(Event::DeviceOffline, &record.connection, reason);
+                            lifecycle.emit(Event::DeviceOffline, connection, reason);
                             if gone.last_of_user {
-                                lifecycle.emit(Event::UserOffline, &record.connection, reason);
+                                lifecycle.emit(Event::UserOffline, connection, reason);
                             }
                         }
                     }
@@ -353,6 +358,10 @@ impl Worker {
     /// store could not be reached.
     async fn liveness(&mut self, presence: &Presence) -> bool {
         let store = presence.store.as_ref();
+        if !self.started && store.keeps_everything() {
+            // A new store of this process's own: nothing left by an earlier one.
+            self.started = true;
+        }
         if !self.started {
             match self.reap_leftovers(presence).await {
                 Ok(()) => {

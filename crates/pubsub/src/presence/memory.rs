@@ -32,7 +32,9 @@ struct ChannelMembers {
 #[derive(Default, Debug)]
 pub struct PresenceState {
     nodes: BTreeMap<String, NodeEntry>,
-    connections: HashMap<String, Connection>,
+    /// Boxed: a table sized for growth holds many empty slots, each as large as an
+    /// entry.
+    connections: HashMap<String, Box<Connection>>,
     by_node: HashMap<String, BTreeSet<String>>,
     /// A user or device mostly has one connection: see [`Ids`] (results are sorted
     /// where they are read).
@@ -101,7 +103,7 @@ impl PresenceState {
         if let Some(device) = &connection.device {
             add_id(&mut self.by_device, device, &client_id);
         }
-        self.connections.insert(client_id, connection);
+        self.connections.insert(client_id, Box::new(connection));
         before
     }
 
@@ -128,7 +130,7 @@ impl PresenceState {
     }
 
     fn remove_connection_only(&mut self, client_id: &str) -> Option<Connection> {
-        let connection = self.connections.remove(client_id)?;
+        let connection = *self.connections.remove(client_id)?;
         remove_indexed(&mut self.by_node, &connection.node_id, client_id);
         if let Some(user) = &connection.user {
             remove_from_set(&mut self.by_user, user, client_id);
@@ -140,7 +142,9 @@ impl PresenceState {
     }
 
     pub fn connection(&self, client_id: &str) -> Option<&Connection> {
-        self.connections.get(client_id)
+        self.connections
+            .get(client_id)
+            .map(|connection| &**connection)
     }
 
     /// Adds (or replaces) a channel member.
@@ -198,7 +202,7 @@ impl PresenceState {
             .into_iter()
             .flat_map(Ids::iter)
             .filter(|client_id| client_id.as_str() != except)
-            .filter_map(|client_id| self.connections.get(client_id))
+            .filter_map(|client_id| self.connection(client_id))
             .filter(|connection| connection.device.as_deref() == Some(device))
             .cloned()
             .collect();
@@ -245,7 +249,7 @@ impl PresenceState {
             .get(user)
             .into_iter()
             .flat_map(Ids::iter)
-            .filter_map(|client_id| self.connections.get(client_id))
+            .filter_map(|client_id| self.connection(client_id))
             .cloned()
             .collect();
         sort_by_client(&mut found);
@@ -442,6 +446,8 @@ fn remove_indexed(index: &mut HashMap<String, BTreeSet<String>>, key: &str, clie
 #[derive(Clone, Default)]
 pub struct MemoryPresence {
     state: Arc<Mutex<PresenceState>>,
+    /// Made by [`MemoryPresence::own`]: see [`PresenceStore::keeps_everything`].
+    own: bool,
 }
 
 impl std::fmt::Debug for MemoryPresence {
@@ -453,6 +459,15 @@ impl std::fmt::Debug for MemoryPresence {
 impl MemoryPresence {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store for one replica alone (standalone): nothing else writes or reaps it,
+    /// so the replica need not keep its own copy of what it recorded.
+    pub fn own() -> Self {
+        Self {
+            own: true,
+            ..Self::default()
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, PresenceState> {
@@ -469,6 +484,10 @@ impl MemoryPresence {
 impl PresenceStore for MemoryPresence {
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn keeps_everything(&self) -> bool {
+        self.own
     }
 
     fn beat<'a>(
@@ -538,10 +557,12 @@ impl PresenceStore for MemoryPresence {
     fn disconnect<'a>(&'a self, client_id: &'a str) -> StoreFuture<'a, Disconnected> {
         let removed = self.state().remove_connection(client_id);
         Self::ready(match removed {
-            Some((_, last_of_user, channels)) => Disconnected {
+            Some((connection, last_of_user, channels)) => Disconnected {
                 known: true,
                 last_of_user,
                 channels,
+                // Only a store of one replica's own stands in for the replica's copy.
+                connection: self.own.then_some(connection),
             },
             None => Disconnected::default(),
         })

@@ -102,7 +102,7 @@ pub struct Connected {
 }
 
 /// What [`PresenceStore::disconnect`] decided.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Disconnected {
     /// Whether the store held the connection (false: reaped meanwhile, or never
     /// recorded): then nothing is to be reported.
@@ -111,6 +111,9 @@ pub struct Disconnected {
     pub last_of_user: bool,
     /// The channels it was a member of, now left.
     pub channels: Vec<String>,
+    /// The removed connection, from a store that [`PresenceStore::keeps_everything`]
+    /// (the replica keeps no copy of its own then).
+    pub connection: Option<Connection>,
 }
 
 /// `presence_stats` of one channel.
@@ -175,6 +178,13 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// not unhealthy here; its calls fail with [`PresenceError::Unreachable`].
     fn problem(&self) -> Option<String> {
         None
+    }
+
+    /// Only this replica writes here, and nothing it wrote can be lost (a store of its
+    /// own in this process): the replica keeps no copy to record again, and there are
+    /// no leftovers of an earlier process to reap.
+    fn keeps_everything(&self) -> bool {
+        false
     }
 
     /// Refreshes `node_id`'s liveness: it counts as alive for `ttl` from now.

@@ -1218,6 +1218,7 @@ impl Inner {
                 known: true,
                 last_of_user,
                 channels,
+                connection: None,
             });
         }
         Err(UNREACHABLE)

@@ -1029,6 +1029,7 @@ impl PresenceStore for RedisPresence {
                 known: flag(&known)?,
                 last_of_user: flag(&last)?,
                 channels: channel_list(channels)?,
+                connection: None,
             })
         })
     }
