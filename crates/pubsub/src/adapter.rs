@@ -6,7 +6,7 @@
 //! publications is written, how a subscription is confirmed, and how it reads.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,38 +41,69 @@ pub(crate) struct Commands {
     adapter: &'static str,
     publications: mpsc::Sender<Outbound>,
     subscriptions: mpsc::Sender<SubscriptionOp>,
+    queued: Queued,
 }
 
 /// The tasks' side of [`Commands`].
 pub(crate) struct CommandQueues {
     pub(crate) publications: mpsc::Receiver<Outbound>,
     pub(crate) subscriptions: mpsc::Receiver<SubscriptionOp>,
+    /// The publisher task tells it what it handed to the client library.
+    pub(crate) queued: Queued,
+}
+
+/// Publications in the queue that the publisher task has not yet handed to the client
+/// library. While there are any, a publication may not skip the queue: it would
+/// overtake them.
+#[derive(Clone, Default)]
+pub(crate) struct Queued(Arc<AtomicUsize>);
+
+impl Queued {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.load(Ordering::Acquire) == 0
+    }
+
+    /// `count` publications left the queue (handed over, or lost).
+    pub(crate) fn handed_over(&self, count: usize) {
+        self.0.fetch_sub(count, Ordering::AcqRel);
+    }
 }
 
 impl Commands {
     pub(crate) fn new(adapter: &'static str) -> (Self, CommandQueues) {
         let (publications, publication_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (subscriptions, subscription_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let queued = Queued::default();
         (
             Self {
                 adapter,
                 publications,
                 subscriptions,
+                queued: queued.clone(),
             },
             CommandQueues {
                 publications: publication_rx,
                 subscriptions: subscription_rx,
+                queued,
             },
         )
     }
 
+    /// Whether no queued publication waits for the publisher task, so that one handed
+    /// straight to the client library keeps its topic's order.
+    pub(crate) fn nothing_queued(&self) -> bool {
+        self.queued.is_empty()
+    }
+
     /// Queues a publication of `payload` on `destination` (the adapter's name for the topic).
     pub(crate) fn publish(&self, destination: String, payload: Bytes) -> Result<(), PubsubError> {
+        self.queued.0.fetch_add(1, Ordering::AcqRel);
         enqueue(
             self.adapter,
             &self.publications,
             Outbound::Publish(destination, payload),
         )
+        .inspect_err(|_| self.queued.handed_over(1))
     }
 
     pub(crate) fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {

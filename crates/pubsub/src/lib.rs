@@ -291,6 +291,14 @@ pub fn held(answer: bool) -> Held {
     rx
 }
 
+/// Runs `task` until the returned guard is dropped.
+pub(crate) fn spawn<F>(task: F) -> AbortOnDrop
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    AbortOnDrop(tokio::spawn(task).abort_handle())
+}
+
 /// Aborts a task when dropped, so an adapter's background work ends with the adapter.
 pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
 

@@ -33,7 +33,6 @@ pub(crate) mod link;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, Subscriber};
@@ -41,8 +40,8 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::adapter::{CommandQueues, Commands, Losses, Outbound, SubscriptionOp};
-use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError};
+use crate::adapter::{CommandQueues, Commands, Losses, Outbound, Queued, SubscriptionOp};
+use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, spawn};
 use link::{EMPTY_TOKEN, Options, Role, connected, hex_value, is_plain, token_for};
 
 const NAME: &str = "nats";
@@ -57,8 +56,6 @@ const MARKER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NatsBackbone {
     client: Client,
     commands: Commands,
-    /// Publications in our queue, not yet handed to async-nats.
-    waiting: Arc<AtomicUsize>,
     losses: Arc<Losses>,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -154,14 +151,14 @@ impl NatsBackbone {
             CommandQueues {
                 publications,
                 subscriptions,
+                queued,
             },
         ) = Commands::new(NAME);
-        let waiting = Arc::new(AtomicUsize::new(0));
         let tasks = vec![
             spawn(publish_loop(
                 client.clone(),
                 publications,
-                Arc::clone(&waiting),
+                queued,
                 Arc::clone(&losses),
             )),
             spawn(subscription_loop(client.clone(), subscriptions, inbox)),
@@ -169,7 +166,6 @@ impl NatsBackbone {
         Ok(Self {
             client,
             commands,
-            waiting,
             losses,
             _tasks: tasks,
         })
@@ -195,7 +191,7 @@ impl Backbone for NatsBackbone {
             return Err(PubsubError::Disconnected(NAME));
         }
         let subject = subject_for(topic);
-        if self.waiting.load(Ordering::Acquire) == 0 {
+        if self.commands.nothing_queued() {
             // async-nats queues on the first poll when it has room; a pending send has
             // sent nothing, so dropping it loses nothing.
             match self
@@ -211,10 +207,7 @@ impl Backbone for NatsBackbone {
                 None => {}
             }
         }
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        self.commands.publish(subject, payload).inspect_err(|_| {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-        })
+        self.commands.publish(subject, payload)
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
@@ -242,17 +235,10 @@ impl Backbone for NatsBackbone {
     }
 }
 
-fn spawn<F>(task: F) -> AbortOnDrop
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    AbortOnDrop(tokio::spawn(task).abort_handle())
-}
-
 async fn publish_loop(
     client: Client,
     mut queue: mpsc::Receiver<Outbound>,
-    waiting: Arc<AtomicUsize>,
+    queued: Queued,
     losses: Arc<Losses>,
 ) {
     while let Some(outbound) = queue.recv().await {
@@ -278,7 +264,7 @@ async fn publish_loop(
             Err("the connection is down".to_owned())
         };
         // Handed over (or lost): later publications may go straight to async-nats.
-        waiting.fetch_sub(1, Ordering::AcqRel);
+        queued.handed_over(1);
         if let Err(why) = outcome {
             losses.lost_publications(1, &why);
         }

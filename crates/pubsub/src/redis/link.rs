@@ -25,7 +25,7 @@ use fred::types::config::Options;
 use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::broadcast;
 
-use crate::{AbortOnDrop, PubsubError, redact_url};
+use crate::{AbortOnDrop, PubsubError, redact_url, spawn};
 
 /// The adapter and store name in logs and errors.
 pub(crate) const NAME: &str = "redis";
@@ -157,14 +157,6 @@ pub(crate) fn builder(config: Config, broadcast_capacity: Option<usize>) -> Buil
             2,
         ));
     builder
-}
-
-/// Runs `task` until the returned guard is dropped.
-pub(crate) fn spawn<F>(task: F) -> AbortOnDrop
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    AbortOnDrop(tokio::spawn(task).abort_handle())
 }
 
 /// Drives one client's connection task, and starts it again should it ever end (fred

@@ -50,15 +50,15 @@ use fred::types::{Message, RespVersion};
 use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::adapter::{CommandQueues, Commands, Losses, Outbound, SubscriptionOp, worker_of};
+use crate::adapter::{
+    CommandQueues, Commands, Losses, Outbound, Queued, SubscriptionOp, worker_of,
+};
 use crate::shards::ShardedBackbone;
-use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, redact_url};
+use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, redact_url, spawn};
 
 pub(crate) mod link;
 
-use link::{
-    COMMAND_TIMEOUT, NAME, builder, heartbeat, is_cluster, keep_connected, parse_config, spawn,
-};
+use link::{COMMAND_TIMEOUT, NAME, builder, heartbeat, is_cluster, keep_connected, parse_config};
 pub use link::{shard_urls, validate_url};
 
 /// Most publications sent in one pipeline.
@@ -74,15 +74,6 @@ const REPLY_QUEUE: usize = 1024;
 /// A PUBLISH already in fred's command queue, its reply still to come.
 type Reply = Pin<Box<dyn Future<Output = Result<Value, fred::error::Error>> + Send>>;
 
-/// What decides whether a publication may skip our queue.
-#[derive(Default)]
-struct InFlight {
-    /// Publications in our queue or in a pipeline not answered yet.
-    queued: AtomicUsize,
-    /// Direct publications whose reply has not come yet.
-    unanswered: AtomicUsize,
-}
-
 /// A replica's connection to a Redis server used as the cluster backbone.
 pub struct RedisBackbone {
     /// A Redis Cluster: SPUBLISH instead of PUBLISH.
@@ -90,7 +81,9 @@ pub struct RedisBackbone {
     publisher: fred::clients::Client,
     subscriber: SubscriberClient,
     commands: Commands,
-    in_flight: Arc<InFlight>,
+    /// Direct publications whose reply has not come yet: while there are any, a
+    /// publication queues behind them, so that under load publications pipeline.
+    unanswered: Arc<AtomicUsize>,
     replies: mpsc::Sender<Reply>,
     losses: Arc<Losses>,
     /// Subscriber connections made so far (see [`Backbone::generation`]).
@@ -156,13 +149,14 @@ impl RedisBackbone {
 
         let losses = Arc::new(Losses::new(NAME));
         let generation = Arc::new(AtomicU64::new(0));
-        let in_flight = Arc::new(InFlight::default());
+        let unanswered = Arc::new(AtomicUsize::new(0));
         let (replies, reply_rx) = mpsc::channel(REPLY_QUEUE);
         let (
             commands,
             CommandQueues {
                 publications,
                 subscriptions,
+                queued,
             },
         ) = Commands::new(NAME);
         let mut tasks = vec![
@@ -171,13 +165,14 @@ impl RedisBackbone {
             spawn(publish_loop(
                 publisher.clone(),
                 publications,
-                Arc::clone(&in_flight),
+                queued,
+                Arc::clone(&unanswered),
                 Arc::clone(&losses),
                 sharded,
             )),
             spawn(await_replies(
                 reply_rx,
-                Arc::clone(&in_flight),
+                Arc::clone(&unanswered),
                 Arc::clone(&losses),
             )),
             spawn(subscription_loop(
@@ -206,7 +201,7 @@ impl RedisBackbone {
             publisher,
             subscriber,
             commands,
-            in_flight,
+            unanswered,
             replies,
             losses,
             generation,
@@ -235,10 +230,10 @@ impl RedisBackbone {
             Some(Ok(_)) => {}
             Some(Err(_)) => self.losses.lost_publications(1, "PUBLISH failed"),
             None => {
-                self.in_flight.unanswered.fetch_add(1, Ordering::AcqRel);
+                self.unanswered.fetch_add(1, Ordering::AcqRel);
                 if self.replies.try_send(reply).is_err() {
                     // Sent all the same; only a failure would go uncounted.
-                    self.in_flight.unanswered.fetch_sub(1, Ordering::AcqRel);
+                    self.unanswered.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
@@ -263,19 +258,11 @@ impl Backbone for RedisBackbone {
         if !self.is_connected() {
             return Err(PubsubError::Disconnected(NAME));
         }
-        let in_flight = &self.in_flight;
-        if in_flight.queued.load(Ordering::Acquire) == 0
-            && in_flight.unanswered.load(Ordering::Acquire) == 0
-        {
+        if self.commands.nothing_queued() && self.unanswered.load(Ordering::Acquire) == 0 {
             self.publish_directly(topic, payload);
             return Ok(());
         }
-        in_flight.queued.fetch_add(1, Ordering::AcqRel);
-        self.commands
-            .publish(topic.to_owned(), payload)
-            .inspect_err(|_| {
-                in_flight.queued.fetch_sub(1, Ordering::AcqRel);
-            })
+        self.commands.publish(topic.to_owned(), payload)
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
@@ -306,7 +293,8 @@ impl Backbone for RedisBackbone {
 async fn publish_loop(
     publisher: fred::clients::Client,
     mut queue: mpsc::Receiver<Outbound>,
-    in_flight: Arc<InFlight>,
+    queued: Queued,
+    unanswered: Arc<AtomicUsize>,
     losses: Arc<Losses>,
     sharded: bool,
 ) {
@@ -316,7 +304,7 @@ async fn publish_loop(
         let count = publications.len();
         send_pipeline(&publisher, publications, &losses, sharded).await;
         // Answered (or lost): later publications may go straight to fred.
-        in_flight.queued.fetch_sub(count, Ordering::AcqRel);
+        queued.handed_over(count);
     };
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         for outbound in batch.drain(..) {
@@ -326,7 +314,7 @@ async fn publish_loop(
                     send(&mut publications).await;
                     // Direct publications left before this flush was asked for.
                     crate::poll_until(COMMAND_TIMEOUT, Duration::from_millis(1), || {
-                        in_flight.unanswered.load(Ordering::Acquire) == 0
+                        unanswered.load(Ordering::Acquire) == 0
                     })
                     .await;
                     let _ = done.send(());
@@ -340,14 +328,14 @@ async fn publish_loop(
 /// Awaits the replies of direct publications, in order, to count the failures.
 async fn await_replies(
     mut replies: mpsc::Receiver<Reply>,
-    in_flight: Arc<InFlight>,
+    unanswered: Arc<AtomicUsize>,
     losses: Arc<Losses>,
 ) {
     while let Some(reply) = replies.recv().await {
         if reply.await.is_err() {
             losses.lost_publications(1, "PUBLISH failed");
         }
-        in_flight.unanswered.fetch_sub(1, Ordering::AcqRel);
+        unanswered.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
