@@ -79,6 +79,39 @@ async fn replicas_on(urls: &str, shards: usize, prefix: &str) -> Vec<ServerProce
     processes
 }
 
+/// Publishes one message on each of `channels` and a broadcast, and checks that every
+/// subscriber (subscribed to all of them) gets each exactly once. Channels on different
+/// servers keep no order between them, so the comparison is unordered.
+async fn publish_reaches_everyone_once(
+    publisher: &mut Client,
+    subscribers: &mut [Client],
+    channels: &[String],
+    hello: &str,
+) {
+    for (seq, channel) in channels.iter().enumerate() {
+        publisher
+            .ok("publish", json!({"channel": channel, "data": seq}))
+            .await;
+    }
+    publisher.ok("broadcast", json!({"hello": hello})).await;
+    let mut wanted: Vec<String> = channels
+        .iter()
+        .enumerate()
+        .map(|(seq, channel)| json!({"channel": channel, "data": seq}).to_string())
+        .collect();
+    wanted.push(json!({"hello": hello}).to_string());
+    wanted.sort();
+    for subscriber in subscribers {
+        let mut got = Vec::new();
+        for _ in 0..wanted.len() {
+            got.push(subscriber.recv().await["params"].to_string());
+        }
+        got.sort();
+        assert_eq!(got, wanted);
+        subscriber.assert_nothing_pending().await;
+    }
+}
+
 async fn health(addr: SocketAddr) -> Value {
     serde_json::from_str(&http_get(addr, "/health").await.1).expect("/health is JSON")
 }
@@ -132,29 +165,7 @@ async fn every_shard_delivers_once_and_holds_only_its_channels(count: usize) {
     }
 
     // Exactly once, on every shard's channel, and a broadcast (on one shard) too.
-    for (seq, channel) in channels.iter().enumerate() {
-        publisher
-            .ok("publish", json!({"channel": channel, "data": seq}))
-            .await;
-    }
-    publisher.ok("broadcast", json!({"hello": "all"})).await;
-    // Channels on different servers keep no order between them.
-    let mut wanted: Vec<String> = channels
-        .iter()
-        .enumerate()
-        .map(|(seq, channel)| json!({"channel": channel, "data": seq}).to_string())
-        .collect();
-    wanted.push(json!({"hello": "all"}).to_string());
-    wanted.sort();
-    for subscriber in &mut subscribers {
-        let mut got = Vec::new();
-        for _ in 0..wanted.len() {
-            got.push(subscriber.recv().await["params"].to_string());
-        }
-        got.sort();
-        assert_eq!(got, wanted);
-        subscriber.assert_nothing_pending().await;
-    }
+    publish_reaches_everyone_once(&mut publisher, &mut subscribers, &channels, "all").await;
     // (The publisher's own copy of the broadcast came before its reply.)
     publisher.assert_nothing_pending().await;
 
@@ -476,28 +487,7 @@ async fn redis_cluster_of_three_masters() {
         );
     }
 
-    for (seq, channel) in channels.iter().enumerate() {
-        publisher
-            .ok("publish", json!({"channel": channel, "data": seq}))
-            .await;
-    }
-    publisher.ok("broadcast", json!({"hello": "cluster"})).await;
-    let mut wanted: Vec<String> = channels
-        .iter()
-        .enumerate()
-        .map(|(seq, channel)| json!({"channel": channel, "data": seq}).to_string())
-        .collect();
-    wanted.push(json!({"hello": "cluster"}).to_string());
-    wanted.sort();
-    for subscriber in &mut subscribers {
-        let mut got = Vec::new();
-        for _ in 0..wanted.len() {
-            got.push(subscriber.recv().await["params"].to_string());
-        }
-        got.sort();
-        assert_eq!(got, wanted);
-        subscriber.assert_nothing_pending().await;
-    }
+    publish_reaches_everyone_once(&mut publisher, &mut subscribers, &channels, "cluster").await;
 
     // History and presence on a channel of every node.
     let mut reader = Client::connect_url(&ws_url(addrs[2])).await;
