@@ -202,16 +202,13 @@ impl Losses {
 }
 
 /// Which of `workers` receive workers handles `topic`: always the same one, so one
-/// topic's messages stay in order, and topics spread evenly (FNV-1a).
+/// topic's messages stay in order, and topics spread evenly (the shards' stable hash).
 pub(crate) fn worker_of(topic: &[u8], workers: usize) -> usize {
     if workers <= 1 {
         return 0;
     }
-    let hash = topic.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    });
     // The remainder is below `workers`, so it fits.
-    usize::try_from(hash % workers as u64).unwrap_or(0)
+    usize::try_from(crate::shards::hash(topic) % workers as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
