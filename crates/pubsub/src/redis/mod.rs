@@ -56,6 +56,7 @@ use crate::adapter::{
 use crate::shards::ShardedBackbone;
 use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, redact_url, spawn};
 
+mod cluster;
 pub(crate) mod link;
 
 use link::{COMMAND_TIMEOUT, NAME, builder, heartbeat, is_cluster, keep_connected, parse_config};
@@ -104,6 +105,11 @@ impl std::fmt::Debug for RedisBackbone {
 /// all delivering to `inbox`. Fails only for a malformed list.
 pub async fn connect_shards(urls: &str, inbox: Inbox) -> Result<Box<dyn Backbone>, PubsubError> {
     let mut urls = shard_urls(urls)?;
+    if urls.len() == 1 && is_cluster(&parse_config(&urls[0])?) {
+        return Ok(Box::new(cluster::ClusterBackbone::connect(
+            &urls[0], inbox,
+        )?));
+    }
     if urls.len() == 1 {
         let url = urls.remove(0);
         return Ok(Box::new(RedisBackbone::connect(&url, inbox).await?));
@@ -123,11 +129,20 @@ impl RedisBackbone {
     /// adapter reports itself disconnected until it gets through.
     pub async fn connect(url: &str, inbox: Inbox) -> Result<Self, PubsubError> {
         let config = parse_config(url)?;
-        // A Redis Cluster: sharded pub/sub (SPUBLISH, SSUBSCRIBE), each channel on the
-        // node of its slot.
-        let sharded = is_cluster(&config);
+        if is_cluster(&config) {
+            return Err(PubsubError::InvalidUrl(format!(
+                "{}: a Redis Cluster is reached with connect_shards",
+                redact_url(url)
+            )));
+        }
+        Self::start(config, false, inbox)
+    }
+
+    /// Starts the connections to the one server `config` names; `sharded` for a Redis
+    /// Cluster master (SPUBLISH, SSUBSCRIBE).
+    fn start(config: Config, sharded: bool, inbox: Inbox) -> Result<Self, PubsubError> {
         let invalid = |error: fred::error::Error| {
-            PubsubError::InvalidUrl(format!("{}: {}", redact_url(url), error.details()))
+            PubsubError::InvalidUrl(format!("invalid Redis configuration: {}", error.details()))
         };
         let publisher = builder(config.clone(), None).build().map_err(invalid)?;
         // RESP3 lets the subscriber connection answer PING while subscribed.

@@ -207,9 +207,10 @@ impl Drop for Server {
     }
 }
 
-/// A Redis Cluster of `masters` nodes (no replicas) on loopback ports, started by the
-/// test: slots split evenly in node order, nodes introduced with CLUSTER MEET, waited
-/// for until every node says `cluster_state:ok`. Nodes keep their cluster config
+/// A Redis Cluster of `masters` nodes on loopback ports, started by the test: slots
+/// split evenly in node order, nodes introduced with CLUSTER MEET, waited for until
+/// every node says `cluster_state:ok`; with [`RedisCluster::start_replicated`] a
+/// replica per master that takes over when it fails. Nodes keep their cluster config
 /// across restarts; the directory is removed on drop. Coverage is not required, so
 /// while one node is down the others keep serving their slots.
 pub struct RedisCluster {
@@ -221,6 +222,16 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> Self {
+        Self::start_with(masters, false)
+    }
+
+    /// `masters` masters (nodes `0..masters`) and a replica of each: node
+    /// `masters + i` replicates node `i`.
+    pub fn start_replicated(masters: usize) -> Self {
+        Self::start_with(masters, true)
+    }
+
+    fn start_with(masters: usize, replicated: bool) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "chorus-redis-cluster-{}-{:08x}",
             std::process::id(),
@@ -229,7 +240,8 @@ impl RedisCluster {
         std::fs::create_dir_all(&dir).expect("a directory for the cluster's config");
         let mut nodes = Vec::new();
         let mut buses = Vec::new();
-        for _ in 0..masters {
+        let count = if replicated { 2 * masters } else { masters };
+        for _ in 0..count {
             let mut node = Server::stopped(Kind::Redis);
             let bus = free_port();
             node.extra = [
@@ -285,32 +297,45 @@ impl RedisCluster {
         }
         let cluster = Self { nodes, ranges, dir };
         cluster.wait_ok();
+        for (master, replica) in cluster.nodes.iter().zip(&cluster.nodes[masters..]) {
+            let id = master.redis_cli(&["CLUSTER", "MYID"]).remove(0);
+            replica.redis_cli(&["CLUSTER", "REPLICATE", &id]);
+        }
+        for replica in &cluster.nodes[masters..] {
+            cluster.wait_until("a replica to sync with its master", || {
+                replica
+                    .redis_cli(&["INFO", "replication"])
+                    .iter()
+                    .any(|line| line.trim() == "master_link_status:up")
+            });
+        }
         cluster
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + 3 * SOON;
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until every running node sees the whole cluster in state ok.
     pub fn wait_ok(&self) {
-        let deadline = std::time::Instant::now() + 3 * SOON;
         let known = format!("cluster_known_nodes:{}", self.nodes.len());
-        loop {
-            let ok = self
-                .nodes
+        self.wait_until("the Redis Cluster to reach cluster_state:ok", || {
+            self.nodes
                 .iter()
                 .filter(|node| node.child.is_some())
                 .all(|node| {
                     let info = node.redis_cli(&["CLUSTER", "INFO"]);
                     info.iter().any(|line| line.trim() == "cluster_state:ok")
                         && info.iter().any(|line| line.trim() == known)
-                });
-            if ok {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the Redis Cluster did not reach cluster_state:ok"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                })
+        });
     }
 
     /// `redis-cluster://` with every node as a seed.

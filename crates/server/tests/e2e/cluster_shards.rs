@@ -445,7 +445,7 @@ fn topic(prefix: &str, channel: &str) -> String {
 async fn redis_cluster_of_three_masters() {
     let cluster = RedisCluster::start(3);
     let prefix = "rcluster";
-    let processes = replicas_on(&cluster.url(), 1, prefix).await;
+    let processes = replicas_on(&cluster.url(), 3, prefix).await;
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
     let on_node = |namespace: &str, node: usize| -> String {
         (0..)
@@ -558,25 +558,60 @@ fn presence_tag(prefix: &str, shard: usize) -> String {
     }
 }
 
-/// One master of a Redis Cluster (no replica to fail over to) stops and comes back:
-/// afterwards every channel, on every master, delivers again on the same sockets (the
-/// adapter subscribes again by itself). While the master is down the adapter as a
-/// whole reports the backbone down: fred's cluster client is connected only when it
-/// reaches every master (a known gap, see the README).
-#[tokio::test]
-async fn redis_cluster_recovers_after_a_master_restarts() {
-    let mut cluster = RedisCluster::start(3);
-    let prefix = "rcoutage";
-    let processes = replicas_on(&cluster.url(), 1, prefix).await;
-    let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
-    let channels: Vec<String> = (0..3)
+/// A channel of `prefix` on each of the cluster's first `masters` nodes.
+fn channel_per_master(cluster: &RedisCluster, prefix: &str, masters: usize) -> Vec<String> {
+    (0..masters)
         .map(|node| {
             (0..)
                 .map(|i| format!("room:{i}"))
                 .find(|channel| cluster.node_of(&topic(prefix, channel)) == node)
                 .expect("some channel on every node")
         })
-        .collect();
+        .collect()
+}
+
+/// Publishes the next number on each of `channels` and checks that `subscriber` gets
+/// it (in order: nothing lost, nothing late).
+async fn publish_in_turn(
+    publisher: &mut Client,
+    subscriber: &mut Client,
+    channels: &[&String],
+    seq: &mut u64,
+) {
+    for channel in channels {
+        publisher
+            .ok("publish", json!({"channel": channel, "data": *seq}))
+            .await;
+        assert_eq!(
+            subscriber.recv().await["params"],
+            json!({"channel": channel, "data": *seq})
+        );
+    }
+    *seq += 1;
+}
+
+/// Whether every replica reports `wanted` as its masters' states.
+async fn masters_are(addrs: &[SocketAddr], wanted: &[bool]) -> bool {
+    for &addr in addrs {
+        if health(addr).await["pubsub"]["shards"] != json!(wanted) {
+            return false;
+        }
+    }
+    true
+}
+
+/// One master of a Redis Cluster (no replica to fail over to) stops and comes back:
+/// its channels stop and recover on the same sockets, and the other masters' channels
+/// never notice (every publication during the outage arrives, in order): the adapter
+/// holds a connection per master.
+#[tokio::test]
+async fn redis_cluster_master_outage_stops_only_its_channels() {
+    let mut cluster = RedisCluster::start(3);
+    let prefix = "rcoutage";
+    let processes = replicas_on(&cluster.url(), 3, prefix).await;
+    let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
+    let channels = channel_per_master(&cluster, prefix, 3);
+    let (down, stays) = (&channels[1], [&channels[0], &channels[2]]);
     let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
     let mut subscriber = Client::connect_url(&ws_url(addrs[1])).await;
     for channel in &channels {
@@ -584,31 +619,123 @@ async fn redis_cluster_recovers_after_a_master_restarts() {
             .ok("subscribe", json!({"channel": channel}))
             .await;
     }
+    let mut seq = 0;
+    for _ in 0..10 {
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
+    }
+
     cluster.nodes[1].stop();
-    eventually("the replicas to notice the outage", || async {
-        http_get(addrs[0], "/ready").await.0 == 503
+    eventually("the replicas to see the master down", || {
+        masters_are(&addrs, &[true, false, true])
     })
     .await;
+    // The replicas stay in rotation: they still serve the other masters' channels.
+    for &addr in &addrs {
+        assert_eq!(http_get(addr, "/ready").await.0, 200);
+    }
+    let reply = publisher
+        .call("publish", json!({"channel": down, "data": "lost"}))
+        .await;
+    assert_eq!(reply["error"]["code"], -32053, "{reply}");
+    for _ in 0..10 {
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
+    }
+
     cluster.nodes[1].restart();
     cluster.wait_ok();
-    for &addr in &addrs {
-        eventually("the replica to reconnect", || async move {
-            http_get(addr, "/ready").await.0 == 200
-        })
+    eventually("the replicas to reconnect", || {
+        masters_are(&addrs, &[true, true, true])
+    })
+    .await;
+    // Asking again proves the new connection holds it (as after any outage).
+    subscriber.ok("subscribe", json!({"channel": down})).await;
+    publisher
+        .ok("publish", json!({"channel": down, "data": "back"}))
         .await;
+    assert_eq!(
+        subscriber.recv().await["params"],
+        json!({"channel": down, "data": "back"})
+    );
+    for _ in 0..10 {
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
     }
+    subscriber.assert_nothing_pending().await;
+}
+
+/// A master fails and its replica takes over, at another address: the replicas read
+/// the new slot table, move that master's channels (the subscriptions made on the same
+/// sockets before the failure) to the new master, and the other masters' channels never
+/// notice.
+#[tokio::test]
+async fn redis_cluster_failover_moves_channels_to_the_new_master() {
+    let mut cluster = RedisCluster::start_replicated(3);
+    let prefix = "rcfailover";
+    let processes = replicas_on(&cluster.url(), 3, prefix).await;
+    let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
+    let channels = channel_per_master(&cluster, prefix, 3);
+    let (failed, stays) = (&channels[1], [&channels[0], &channels[2]]);
+    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
+    let mut subscriber = Client::connect_url(&ws_url(addrs[1])).await;
     for channel in &channels {
-        // Asking again proves the new connections hold it (as after any outage).
         subscriber
             .ok("subscribe", json!({"channel": channel}))
             .await;
-        publisher
-            .ok("publish", json!({"channel": channel, "data": "back"}))
-            .await;
-        assert_eq!(
-            subscriber.recv().await["params"],
-            json!({"channel": channel, "data": "back"})
+    }
+    let mut seq = 0;
+    publish_in_turn(
+        &mut publisher,
+        &mut subscriber,
+        &channels.iter().collect::<Vec<_>>(),
+        &mut seq,
+    )
+    .await;
+
+    cluster.nodes[1].stop();
+    // The replica takes over after the cluster's node timeout (2 s); meanwhile, and
+    // afterwards, the other channels deliver everything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !masters_are(&addrs, &[true, true, true]).await
+        || cluster.nodes[4].redis_cli(&["ROLE"])[0] != "master"
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica did not take over"
         );
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
+    }
+    // The failed master's channel, on the socket that subscribed before the failure:
+    // publications reach it once every replica has moved the subscription.
+    let mut probe = 0;
+    loop {
+        let reply = publisher
+            .call("publish", json!({"channel": failed, "data": probe}))
+            .await;
+        if reply.get("error").is_none()
+            && tokio::time::timeout(Duration::from_millis(500), subscriber.recv())
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed master's channel never delivered again"
+        );
+        probe += 1;
+    }
+    // Probes that arrived late, then a last one: from here on nothing is lost.
+    publisher
+        .ok("publish", json!({"channel": failed, "data": "last"}))
+        .await;
+    while subscriber.recv().await["params"]["data"] != "last" {}
+    for _ in 0..10 {
+        publish_in_turn(
+            &mut publisher,
+            &mut subscriber,
+            &[failed, stays[0], stays[1]],
+            &mut seq,
+        )
+        .await;
     }
     subscriber.assert_nothing_pending().await;
 }
