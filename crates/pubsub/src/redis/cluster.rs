@@ -136,13 +136,22 @@ impl ClusterBackbone {
 
 /// Reads the slot table now and then, and applies it when it changed.
 async fn refresh(shared: Arc<Shared>) {
+    let mut answered = true;
     loop {
         match shared.read_slots().await {
-            Some(ranges) => shared.apply(&ranges),
-            None => tracing::warn!(
-                adapter = NAME,
-                "no Redis Cluster node answered CLUSTER SLOTS"
-            ),
+            Some(ranges) => {
+                answered = true;
+                shared.apply(&ranges);
+            }
+            // Said once per outage, not every half second.
+            None if answered => {
+                answered = false;
+                tracing::warn!(
+                    adapter = NAME,
+                    "no Redis Cluster node answers CLUSTER SLOTS"
+                );
+            }
+            None => {}
         }
         let wait = if shared.route.load().is_healthy() {
             REFRESH
