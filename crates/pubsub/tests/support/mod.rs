@@ -46,6 +46,10 @@ pub struct Server {
     jetstream_dir: Option<PathBuf>,
     /// More command-line arguments (a Redis Cluster node's settings).
     extra: Vec<String>,
+    /// Redis only: its working directory, its own so that it never loads a file another
+    /// server left (a cluster replica saves the data it synced as `dump.rdb`, which any
+    /// server started in the same directory would load, replication state included).
+    redis_dir: Option<PathBuf>,
 }
 
 impl Server {
@@ -74,12 +78,20 @@ impl Server {
                 rand::random::<u32>()
             ))
         });
+        let redis_dir = (kind == Kind::Redis).then(|| {
+            std::env::temp_dir().join(format!(
+                "chorus-redis-{}-{port}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ))
+        });
         Self {
             kind,
             port,
             child: None,
             jetstream_dir,
             extra: Vec::new(),
+            redis_dir,
         }
     }
 
@@ -124,6 +136,10 @@ impl Server {
         let binary = find_binary(self.kind.binary());
         let port = self.port.to_string();
         let mut command = Command::new(&binary);
+        let redis_dir = self.redis_dir.clone().unwrap_or_else(std::env::temp_dir);
+        if self.kind == Kind::Redis {
+            std::fs::create_dir_all(&redis_dir).expect("a directory for the Redis server");
+        }
         match self.kind {
             Kind::Redis => command
                 .args([
@@ -138,7 +154,7 @@ impl Server {
                     "--protected-mode",
                     "no",
                     "--dir",
-                    &std::env::temp_dir().to_string_lossy(),
+                    &redis_dir.to_string_lossy(),
                 ])
                 .args(&self.extra),
             Kind::Nats => {
@@ -201,7 +217,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
-        if let Some(dir) = &self.jetstream_dir {
+        for dir in [&self.jetstream_dir, &self.redis_dir].into_iter().flatten() {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
