@@ -906,14 +906,15 @@ impl RedisPresence {
 }
 
 impl RedisPresence {
-    /// Whether the connection to Redis is up.
+    /// Whether the connection to Redis is up (in a cluster: to the master of this
+    /// store's slot).
     pub fn is_connected(&self) -> bool {
-        self.link.is_connected()
+        self.link.is_connected_at(self.home)
     }
 
     /// Waits until the connection is up, for at most `timeout`; returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        self.link.wait_connected(timeout).await
+        crate::poll_until(timeout, Duration::from_millis(10), || self.is_connected()).await
     }
 
     /// Runs `script` with `ARGV` = the key prefix followed by `args` (no KEYS: the

@@ -7,7 +7,8 @@
 //! - the tasks every client needs: [`keep_connected`] (restarts fred's connection task
 //!   should it ever end) and [`heartbeat`] (a PING every few seconds, so that a server
 //!   that vanished without closing the socket is noticed);
-//! - for the stores, [`StoreLink`]: one dedicated client with an accurate up/down state,
+//! - for the stores, [`StoreLink`]: one dedicated client (one per master of a Redis
+//!   Cluster) with an accurate up/down state,
 //!   that fails every call at once while down and runs Lua [`Script`]s with EVALSHA,
 //!   loading them again when Redis answers NOSCRIPT; [`Failure`] says why a call did
 //!   not happen, and the reply readers ([`array`], [`bytes`], [`text`], [`integer`])
@@ -23,7 +24,9 @@ use fred::error::Error as FredError;
 use fred::prelude::{Builder, ClientLike, Config, EventInterface, ReconnectPolicy, Value};
 use fred::types::config::Options;
 use fred::types::{ClusterHash, CustomCommand};
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
+
+use super::slots::{MasterLink, Route, SlotTable, keep_current};
 
 use crate::{AbortOnDrop, PubsubError, redact_url, spawn};
 
@@ -216,7 +219,16 @@ pub(crate) enum Failure {
 /// reply that says it is busy or loading, or an error of fred's own (connection
 /// closed, timeout, write attempts used up), means it cannot be reached now.
 pub(crate) fn failure(error: &FredError) -> Failure {
-    const TRANSIENT: [&str; 4] = ["LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"];
+    // A cluster node that redirects, or is down, is a table about to be read again.
+    const TRANSIENT: [&str; 7] = [
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "MOVED",
+        "ASK",
+        "CLUSTERDOWN",
+    ];
     let code = error
         .details()
         .split_whitespace()
@@ -250,9 +262,24 @@ impl Script {
     }
 }
 
-/// A store's own connection to Redis: one `fred` client that reconnects forever, is
-/// pinged, and knows accurately whether it is up.
+/// A store's own connection to Redis: to one server, or to each master of a Redis
+/// Cluster (in our own [`SlotTable`], so that one master down fails only the calls
+/// for its slots), each call sent to the master of its key's slot.
 pub(crate) struct StoreLink {
+    nodes: Nodes,
+}
+
+enum Nodes {
+    Server(ServerLink),
+    Cluster {
+        table: Arc<SlotTable<ServerLink>>,
+        _refresh: AbortOnDrop,
+    },
+}
+
+/// A store's connection to one Redis server: one `fred` client that reconnects
+/// forever, is pinged, and knows accurately whether it is up.
+pub(crate) struct ServerLink {
     client: Client,
     /// Whether the connection is known to work. fred still reports a connection that
     /// just dropped as connected until its reconnection delay has passed, and queues
@@ -262,9 +289,9 @@ pub(crate) struct StoreLink {
     /// replay one whose reply a dropped connection lost, and a script that is not
     /// idempotent (reaping, appending) must not run twice.
     options: Options,
-    /// A Redis Cluster: commands go to the node that holds their keys' slot, and
-    /// scripts are sent whole (EVAL): a SCRIPT LOAD would reach only one node.
-    cluster: bool,
+    /// A cluster master's: told when the master redirects a call (MOVED, ASK), which
+    /// means the slot table is out of date.
+    redirected: Option<Arc<Notify>>,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -280,61 +307,69 @@ impl StoreLink {
     /// Starts connecting to `url` and returns at once; `role` names the store in logs.
     /// Fails only for a malformed URL.
     pub(crate) fn connect(url: &str, role: &'static str) -> Result<Self, Failure> {
-        let config = parse_config(url).map_err(|error| Failure::Unavailable(error.to_string()))?;
-        let cluster = is_cluster(&config);
-        let client = builder(config, None).build().map_err(|error| {
-            Failure::Unavailable(format!("invalid Redis configuration: {}", error.details()))
-        })?;
-        let up = Arc::new(AtomicBool::new(false));
-        // Taken before connecting, so that the first connection is not missed.
-        let watch = watch_link(client.error_rx(), client.reconnect_rx(), Arc::clone(&up));
-        let tasks = vec![
-            spawn(watch),
-            spawn(keep_connected(client.clone(), role)),
-            spawn(heartbeat(client.clone())),
-        ];
+        let unusable = |error: PubsubError| Failure::Unavailable(error.to_string());
+        let config = parse_config(url).map_err(unusable)?;
+        if !is_cluster(&config) {
+            let link = ServerLink::start(config, role, None).map_err(unusable)?;
+            return Ok(Self {
+                nodes: Nodes::Server(link),
+            });
+        }
+        let table = Arc::new(SlotTable::new(url).map_err(unusable)?);
+        let redirected = table.stale_signal();
+        let installer = Arc::clone(&table);
+        let refresh = spawn(keep_current(
+            Arc::clone(&table),
+            move |config| ServerLink::start(config, role, Some(Arc::clone(&redirected))),
+            move |_, route| installer.install(route),
+        ));
         Ok(Self {
-            client,
-            up,
-            options: Options {
-                max_attempts: Some(1),
-                fail_fast: true,
-                ..Options::default()
+            nodes: Nodes::Cluster {
+                table,
+                _refresh: refresh,
             },
-            cluster,
-            _tasks: tasks,
         })
     }
 
     /// Whether this is a connection to a Redis Cluster.
     pub(crate) fn is_cluster(&self) -> bool {
-        self.cluster
+        matches!(self.nodes, Nodes::Cluster { .. })
     }
 
-    /// Whether the connection to Redis is up.
+    /// Whether the connection to Redis is up (to every master of a cluster).
     pub(crate) fn is_connected(&self) -> bool {
-        self.up.load(Ordering::Acquire) && self.client.is_connected()
+        match &self.nodes {
+            Nodes::Server(link) => link.is_connected(),
+            Nodes::Cluster { table, .. } => table.route().is_healthy(),
+        }
     }
 
-    /// Waits until the connection is up, for at most `timeout`; returns whether it is.
-    pub(crate) async fn wait_connected(&self, timeout: Duration) -> bool {
-        crate::poll_until(timeout, Duration::from_millis(10), || self.is_connected()).await
+    /// Whether the connection that serves `slot` is up (with no slot: every one).
+    pub(crate) fn is_connected_at(&self, slot: Option<u16>) -> bool {
+        match (&self.nodes, slot) {
+            (Nodes::Cluster { table, .. }, Some(slot)) => table
+                .route()
+                .master(slot)
+                .is_some_and(|master| master.link.is_connected()),
+            _ => self.is_connected(),
+        }
     }
 
-    /// Sends one command, failing at once while disconnected.
+    /// Sends one command (its first argument is its key), failing at once while the
+    /// connection it needs is down.
     pub(crate) async fn command(
         &self,
         name: &'static str,
         args: Vec<Value>,
     ) -> Result<Value, Failure> {
-        if !self.is_connected() {
-            return Err(Failure::Unreachable);
+        let slot = args.first().and_then(|key| bytes(key).ok()).map(redis_slot);
+        match &self.nodes {
+            Nodes::Server(link) => link.command(name, args).await,
+            Nodes::Cluster { table, .. } => {
+                let route = table.route_full();
+                node(&route, slot)?.command(name, args).await
+            }
         }
-        // A plain command's first argument is its key.
-        let route = args.first().map_or(ClusterHash::Random, slot_of);
-        self.custom(name, route, args)
-            .await
-            .map_err(|error| failure(&error))
     }
 
     /// Runs `script` with `keys` as KEYS and `args` as ARGV, loading it first when
@@ -359,29 +394,103 @@ impl StoreLink {
         args: Vec<Value>,
         home: Option<u16>,
     ) -> Result<Value, Failure> {
+        match &self.nodes {
+            Nodes::Server(link) => link.run(script, keys, args).await,
+            Nodes::Cluster { table, .. } => {
+                // By the first key's slot, or the home slot.
+                let slot = keys
+                    .first()
+                    .and_then(|key| bytes(key).ok())
+                    .map(redis_slot)
+                    .or(home);
+                let route = table.route_full();
+                node(&route, slot)?.run(script, keys, args).await
+            }
+        }
+    }
+}
+
+/// The master that serves `slot` (any connected one when there is none), if it is up.
+fn node(route: &Route<ServerLink>, slot: Option<u16>) -> Result<&ServerLink, Failure> {
+    let master = match slot {
+        Some(slot) => route.master(slot),
+        None => route.any_connected(),
+    };
+    master
+        .map(|master| &master.link)
+        .filter(|link| link.is_connected())
+        .ok_or(Failure::Unreachable)
+}
+
+impl MasterLink for ServerLink {
+    fn is_up(&self) -> bool {
+        self.is_connected()
+    }
+
+    fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl ServerLink {
+    /// Starts connecting to the one server `config` names and returns at once.
+    fn start(
+        config: Config,
+        role: &'static str,
+        redirected: Option<Arc<Notify>>,
+    ) -> Result<Self, PubsubError> {
+        let client = builder(config, None).build().map_err(|error| {
+            PubsubError::InvalidUrl(format!("invalid Redis configuration: {}", error.details()))
+        })?;
+        let up = Arc::new(AtomicBool::new(false));
+        // Taken before connecting, so that the first connection is not missed.
+        let watch = watch_link(client.error_rx(), client.reconnect_rx(), Arc::clone(&up));
+        let tasks = vec![
+            spawn(watch),
+            spawn(keep_connected(client.clone(), role)),
+            spawn(heartbeat(client.clone())),
+        ];
+        Ok(Self {
+            client,
+            up,
+            options: Options {
+                max_attempts: Some(1),
+                fail_fast: true,
+                ..Options::default()
+            },
+            redirected,
+            _tasks: tasks,
+        })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.up.load(Ordering::Acquire) && self.client.is_connected()
+    }
+
+    async fn command(&self, name: &'static str, args: Vec<Value>) -> Result<Value, Failure> {
+        if !self.is_connected() {
+            return Err(Failure::Unreachable);
+        }
+        self.custom(name, args)
+            .await
+            .map_err(|error| failure(&error))
+    }
+
+    async fn run(
+        &self,
+        script: &Script,
+        keys: Vec<Value>,
+        args: Vec<Value>,
+    ) -> Result<Value, Failure> {
         if !self.is_connected() {
             return Err(Failure::Unreachable);
         }
         let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
-        // Route by the first key's slot (computed here: what fred would hash is not
-        // the key for a custom command), or by the home slot.
-        let route = match (keys.first(), home) {
-            (Some(key), _) => slot_of(key),
-            (None, Some(slot)) => ClusterHash::Custom(slot),
-            (None, None) => ClusterHash::Random,
-        };
-        // Placeholder for the SHA-1 (or the source), set per attempt.
+        // Placeholder for the SHA-1, set per attempt.
         argv.push(Value::Null);
         argv.push(Value::from(i64::try_from(keys.len()).unwrap_or(i64::MAX)));
         argv.extend(keys);
         argv.extend(args);
-        if self.cluster {
-            argv[0] = Value::from(script.source);
-            return self
-                .custom("EVAL", route, argv)
-                .await
-                .map_err(|e| failure(&e));
-        }
         let sha = match script.sha.get() {
             Some(sha) => sha.clone(),
             None => self.load(script).await?,
@@ -398,16 +507,15 @@ impl StoreLink {
     async fn evalsha(&self, sha: &str, argv: &mut [Value]) -> Result<Value, FredError> {
         argv[0] = Value::from(sha);
         // fred's `WithOptions` has no `LuaInterface`: send EVALSHA as a custom command.
-        self.custom("EVALSHA", ClusterHash::Random, argv.to_vec())
-            .await
+        self.custom("EVALSHA", argv.to_vec()).await
     }
 
-    /// SCRIPT LOAD; returns (and remembers) the script's SHA-1.
+    /// SCRIPT LOAD; returns (and remembers) the script's SHA-1, which is the same on
+    /// every server.
     async fn load(&self, script: &Script) -> Result<String, Failure> {
         let reply = self
             .custom(
                 "SCRIPT",
-                ClusterHash::Random,
                 vec![Value::from("LOAD"), Value::from(script.source)],
             )
             .await
@@ -416,29 +524,37 @@ impl StoreLink {
         Ok(script.sha.get_or_init(|| sha).clone())
     }
 
-    async fn custom(
-        &self,
-        name: &'static str,
-        route: ClusterHash,
-        args: Vec<Value>,
-    ) -> Result<Value, FredError> {
-        self.client
+    async fn custom(&self, name: &'static str, args: Vec<Value>) -> Result<Value, FredError> {
+        let reply = self
+            .client
             .with_options(&self.options)
-            .custom(CustomCommand::new_static(name, route, false), args)
-            .await
+            .custom(
+                CustomCommand::new_static(name, ClusterHash::Random, false),
+                args,
+            )
+            .await;
+        if let (Err(error), Some(redirected)) = (&reply, &self.redirected)
+            && is_redirection(error)
+        {
+            redirected.notify_one();
+        }
+        reply
     }
 }
 
 /// The cluster hash slot of `key` (of its hash tag, when it has one).
 pub(crate) fn slot(key: &str) -> u16 {
-    fred::util::redis_keyslot(key.as_bytes())
+    redis_slot(key.as_bytes())
 }
 
-/// The hash slot of a key.
-fn slot_of(key: &Value) -> ClusterHash {
-    bytes(key).map_or(ClusterHash::Random, |key| {
-        ClusterHash::Custom(fred::util::redis_keyslot(key))
-    })
+fn redis_slot(key: &[u8]) -> u16 {
+    fred::util::redis_keyslot(key)
+}
+
+/// A cluster node's answer that the slot is served elsewhere.
+fn is_redirection(error: &FredError) -> bool {
+    let details = error.details();
+    details.starts_with("MOVED ") || details.starts_with("ASK ")
 }
 
 /// Keeps `up` up to date: fred reports every lost connection and every failed

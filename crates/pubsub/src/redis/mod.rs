@@ -58,6 +58,7 @@ use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, redact_url
 
 mod cluster;
 pub(crate) mod link;
+mod slots;
 
 use link::{COMMAND_TIMEOUT, NAME, builder, heartbeat, is_cluster, keep_connected, parse_config};
 pub use link::{shard_urls, validate_url};

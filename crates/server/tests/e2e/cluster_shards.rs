@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chorus_pubsub::presence::redis::CLUSTER_SHARDS;
-use chorus_pubsub::shards::shard_of;
+use chorus_pubsub::shards::{hash, shard_of};
 use serde_json::{Value, json};
 
 use crate::backbone::{Kind, RedisCluster, Server};
@@ -602,16 +602,34 @@ async fn masters_are(addrs: &[SocketAddr], wanted: &[bool]) -> bool {
 
 /// One master of a Redis Cluster (no replica to fail over to) stops and comes back:
 /// its channels stop and recover on the same sockets, and the other masters' channels
-/// never notice (every publication during the outage arrives, in order): the adapter
-/// holds a connection per master.
+/// never notice (every publication during the outage arrives, in order), nor do their
+/// history and presence: the adapter and the stores hold a connection per master.
 #[tokio::test]
 async fn redis_cluster_master_outage_stops_only_its_channels() {
     let mut cluster = RedisCluster::start(3);
     let prefix = "rcoutage";
     let processes = replicas_on(&cluster.url(), 3, prefix).await;
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
+    // Not the master of connection records and liveness (`{<prefix>}`).
+    let down = (cluster.node_of(&presence_tag(prefix, 0)) + 1) % 3;
+    let on_node = |namespace: &str, node: usize| -> String {
+        (0..)
+            .map(|i| format!("{namespace}:{i}"))
+            .find(|channel| {
+                // Its topic, history and presence all on that node.
+                let history = format!("{prefix}|{{{:016x}}}hm|{channel}", hash(channel.as_bytes()));
+                cluster.node_of(&topic(prefix, channel)) == node
+                    && cluster.node_of(&history) == node
+                    && cluster.node_of(&presence_tag(prefix, shard_of(channel, CLUSTER_SHARDS)))
+                        == node
+            })
+            .expect("some channel on every node")
+    };
     let channels = channel_per_master(&cluster, prefix, 3);
-    let (down, stays) = (&channels[1], [&channels[0], &channels[2]]);
+    let stays: Vec<&String> = (0..3)
+        .filter(|n| *n != down)
+        .map(|n| &channels[n])
+        .collect();
     let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
     let mut subscriber = Client::connect_url(&ws_url(addrs[1])).await;
     for channel in &channels {
@@ -623,10 +641,24 @@ async fn redis_cluster_master_outage_stops_only_its_channels() {
     for _ in 0..10 {
         publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
     }
+    // History and presence channels on every master, a member of each on replica 2.
+    let tracked: Vec<String> = (0..3).map(|node| on_node("h", node)).collect();
+    let mut member = Client::connect_url(&ws_url(addrs[2])).await;
+    for channel in &tracked {
+        member.ok("subscribe", json!({"channel": channel})).await;
+        eventually("the member to appear in presence", || async {
+            presence_of(addrs[0], channel)
+                .await
+                .is_ok_and(|(n, _)| n == 1)
+        })
+        .await;
+    }
 
-    cluster.nodes[1].stop();
+    cluster.nodes[down].stop();
+    let mut states = [true; 3];
+    states[down] = false;
     eventually("the replicas to see the master down", || {
-        masters_are(&addrs, &[true, false, true])
+        masters_are(&addrs, &states)
     })
     .await;
     // The replicas stay in rotation: they still serve the other masters' channels.
@@ -634,27 +666,57 @@ async fn redis_cluster_master_outage_stops_only_its_channels() {
         assert_eq!(http_get(addr, "/ready").await.0, 200);
     }
     let reply = publisher
-        .call("publish", json!({"channel": down, "data": "lost"}))
+        .call(
+            "publish",
+            json!({"channel": channels[down], "data": "lost"}),
+        )
         .await;
     assert_eq!(reply["error"]["code"], -32053, "{reply}");
     for _ in 0..10 {
         publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
     }
+    for (node, channel) in tracked.iter().enumerate() {
+        let published = publisher
+            .call("publish", json!({"channel": channel, "data": "during"}))
+            .await;
+        let history = publisher.call("history", json!({"channel": channel})).await;
+        if node == down {
+            assert_eq!(published["error"]["code"], -32053, "{published}");
+            assert_eq!(history["error"]["code"], -32053, "{history}");
+            assert_eq!(presence_of(addrs[0], channel).await, Err(-32053));
+        } else {
+            assert!(published.get("error").is_none(), "{published}");
+            assert_eq!(
+                history["result"]["publications"][0]["data"], "during",
+                "{history}"
+            );
+            assert_eq!(
+                presence_of(addrs[0], channel).await.map(|(n, _)| n),
+                Ok(1),
+                "{channel}"
+            );
+        }
+    }
 
-    cluster.nodes[1].restart();
+    cluster.nodes[down].restart();
     cluster.wait_ok();
     eventually("the replicas to reconnect", || {
         masters_are(&addrs, &[true, true, true])
     })
     .await;
     // Asking again proves the new connection holds it (as after any outage).
-    subscriber.ok("subscribe", json!({"channel": down})).await;
+    subscriber
+        .ok("subscribe", json!({"channel": channels[down]}))
+        .await;
     publisher
-        .ok("publish", json!({"channel": down, "data": "back"}))
+        .ok(
+            "publish",
+            json!({"channel": channels[down], "data": "back"}),
+        )
         .await;
     assert_eq!(
         subscriber.recv().await["params"],
-        json!({"channel": down, "data": "back"})
+        json!({"channel": channels[down], "data": "back"})
     );
     for _ in 0..10 {
         publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
