@@ -834,8 +834,8 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisPresence, PresenceE
 /// the same order) gives a [`ShardedPresence`]: each channel's members on the server
 /// that carries the channel, connections and replicas on the first. One server gives
 /// one [`RedisPresence`], exactly as [`connect`]. A Redis Cluster gives a
-/// [`ShardedPresence`] over [`CLUSTER_SHARDS`] stores on the same connection, one hash
-/// tag each, the first with [`connect`]'s keys.
+/// [`ShardedPresence`] over [`CLUSTER_SHARDS`] stores on the same link (a connection
+/// per master), one hash tag each, the first with [`connect`]'s keys.
 pub async fn connect_shards(
     url: &str,
     prefix: &str,
@@ -846,7 +846,7 @@ pub async fn connect_shards(
         if !home.link.is_cluster() {
             return Ok(Box::new(home));
         }
-        // A Redis Cluster: the same connection, channel presence spread over
+        // A Redis Cluster: the same link, channel presence spread over
         // `CLUSTER_SHARDS` hash tags (slots), so over the masters.
         let mut shards: Vec<Box<dyn PresenceStore>> = Vec::with_capacity(CLUSTER_SHARDS);
         let link = Arc::clone(&home.link);

@@ -53,10 +53,10 @@
 //!
 //! # Redis Cluster
 //!
-//! Over a Redis Cluster the shards are not servers but hash tags on one connection
+//! Over a Redis Cluster the shards are not servers but hash tags on one link
 //! (`presence::redis::CLUSTER_SHARDS` of them, each one slot, placed by the same jump
-//! hash): channel presence load spreads over the masters, but the cluster client is
-//! up or down as a whole, so an outage is not narrower.
+//! hash): channel presence load spreads over the masters, and a master that is down
+//! fails only the tags whose slot it serves (the link keeps a connection per master).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,10 +3,11 @@
 //!
 //! Redis channel names are binary safe, so topics are used as they are.
 //!
-//! With a `redis-cluster://` URL the same adapter talks to a Redis Cluster with sharded
-//! pub/sub: SPUBLISH, and SSUBSCRIBE/SUNSUBSCRIBE grouped by hash slot, each sent (and
-//! confirmed by a PING routed by the same slot) on the connection to the slot's node.
-//! Several `redis://` servers are shards of one [`ShardedBackbone`] ([`connect_shards`]).
+//! With a `redis-cluster://` URL, [`connect_shards`] gives a Redis Cluster backbone
+//! (`cluster`): one such adapter per master, in sharded pub/sub mode (SPUBLISH, and
+//! SSUBSCRIBE/SUNSUBSCRIBE grouped by hash slot), each topic on the master of its slot
+//! by our own slot table (`slots`). Several `redis://` servers are shards of one
+//! [`ShardedBackbone`].
 //!
 //! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
 //! - a publication made while none is queued or awaiting its reply goes straight into
