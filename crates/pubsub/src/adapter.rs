@@ -26,6 +26,9 @@ pub(crate) enum SubscriptionOp {
     /// Subscribe, and say on the sender once the backbone holds it.
     Subscribe(String, oneshot::Sender<bool>),
     Unsubscribe(String),
+    /// Many topics in one request, answering nobody (topics moving between servers).
+    SubscribeAll(Vec<String>),
+    UnsubscribeAll(Vec<String>),
 }
 
 /// What the publisher task is asked to do, in order.
@@ -121,6 +124,22 @@ impl Commands {
             self.adapter,
             &self.subscriptions,
             SubscriptionOp::Unsubscribe(topic.to_owned()),
+        )
+    }
+
+    pub(crate) fn subscribe_all(&self, topics: Vec<String>) -> Result<(), PubsubError> {
+        enqueue(
+            self.adapter,
+            &self.subscriptions,
+            SubscriptionOp::SubscribeAll(topics),
+        )
+    }
+
+    pub(crate) fn unsubscribe_all(&self, topics: Vec<String>) -> Result<(), PubsubError> {
+        enqueue(
+            self.adapter,
+            &self.subscriptions,
+            SubscriptionOp::UnsubscribeAll(topics),
         )
     }
 

@@ -282,23 +282,24 @@ async fn subscription_loop(client: Client, mut ops: mpsc::Receiver<SubscriptionO
         for op in batch.drain(..) {
             match op {
                 SubscriptionOp::Subscribe(topic, answer) => {
-                    if let Entry::Vacant(vacant) = held.entry(topic) {
-                        // Queued by async-nats while disconnected, and sent once connected.
-                        match client.subscribe(subject_for(vacant.key())).await {
-                            Ok(subscriber) => {
-                                vacant.insert(spawn(receive(subscriber, inbox.clone())));
-                            }
-                            Err(error) => {
-                                tracing::warn!(adapter = NAME, topic = vacant.key(), %error, "subscribe failed");
-                                let _ = answer.send(false);
-                                continue;
-                            }
-                        }
+                    if hold(&client, &mut held, topic, &inbox).await {
+                        answers.push(answer);
+                    } else {
+                        let _ = answer.send(false);
                     }
-                    answers.push(answer);
+                }
+                SubscriptionOp::SubscribeAll(topics) => {
+                    for topic in topics {
+                        hold(&client, &mut held, topic, &inbox).await;
+                    }
                 }
                 SubscriptionOp::Unsubscribe(topic) => {
                     held.remove(&topic);
+                }
+                SubscriptionOp::UnsubscribeAll(topics) => {
+                    for topic in topics {
+                        held.remove(&topic);
+                    }
                 }
             }
         }
@@ -311,6 +312,29 @@ async fn subscription_loop(client: Client, mut ops: mpsc::Receiver<SubscriptionO
         };
         for answer in answers.drain(..) {
             let _ = answer.send(confirmed);
+        }
+    }
+}
+
+/// Subscribes to `topic` unless it is held already; false when the subscription failed.
+async fn hold(
+    client: &Client,
+    held: &mut HashMap<String, AbortOnDrop>,
+    topic: String,
+    inbox: &Inbox,
+) -> bool {
+    let Entry::Vacant(vacant) = held.entry(topic) else {
+        return true;
+    };
+    // Queued by async-nats while disconnected, and sent once connected.
+    match client.subscribe(subject_for(vacant.key())).await {
+        Ok(subscriber) => {
+            vacant.insert(spawn(receive(subscriber, inbox.clone())));
+            true
+        }
+        Err(error) => {
+            tracing::warn!(adapter = NAME, topic = vacant.key(), %error, "subscribe failed");
+            false
         }
     }
 }

@@ -86,23 +86,39 @@ impl Shared {
     fn install(&self, old: &Route<RedisBackbone>, route: Arc<Route<RedisBackbone>>) {
         let wanted = self.wanted();
         self.table.install(Arc::clone(&route));
-        let mut moved = 0usize;
+        // The moving topics by new and by old master, each master asked once.
+        let mut holds: Vec<Vec<String>> = vec![Vec::new(); route.masters.len()];
+        let mut releases: Vec<Vec<String>> = vec![Vec::new(); old.masters.len()];
         for topic in wanted.iter() {
             let (from, to) = (
-                old.master_of(topic.as_bytes()),
-                route.master_of(topic.as_bytes()),
+                old.index_of(topic.as_bytes()),
+                route.index_of(topic.as_bytes()),
             );
-            if from.map(|m| &m.server) == to.map(|m| &m.server) {
+            let server = |route: &Route<RedisBackbone>, index: Option<usize>| {
+                index.map(|index| route.masters[index].server.clone())
+            };
+            if server(old, from) == server(&route, to) {
                 continue;
             }
-            moved += 1;
-            if let Some(master) = to
-                && let Err(error) = master.link.subscribe(topic)
-            {
-                tracing::warn!(adapter = NAME, %error, topic, "could not move a subscription");
+            if let Some(to) = to {
+                holds[to].push(topic.clone());
             }
-            if let Some(master) = from.filter(|master| route.keeps(master)) {
-                let _ = master.link.unsubscribe(topic);
+            if let Some(from) = from {
+                releases[from].push(topic.clone());
+            }
+        }
+        let moved: usize = holds.iter().map(Vec::len).sum();
+        for (master, topics) in old.masters.iter().zip(releases) {
+            if !topics.is_empty() && route.keeps(master) {
+                let _ = master.link.release_all(topics);
+            }
+        }
+        for (master, topics) in route.masters.iter().zip(holds) {
+            if !topics.is_empty()
+                && let Err(error) = master.link.hold_all(topics)
+            {
+                // Asked again when a client subscribes again (the generation changed).
+                tracing::warn!(adapter = NAME, server = %master.server, %error, "topics not moved");
             }
         }
         drop(wanted);

@@ -256,6 +256,17 @@ impl RedisBackbone {
         }
     }
 
+    /// Subscribes to all of `topics` with one queued request, answering nobody: a
+    /// Redis Cluster master taking over topics from another.
+    fn hold_all(&self, topics: Vec<String>) -> Result<(), PubsubError> {
+        self.commands.subscribe_all(topics)
+    }
+
+    /// Unsubscribes from all of `topics` with one queued request.
+    fn release_all(&self, topics: Vec<String>) -> Result<(), PubsubError> {
+        self.commands.unsubscribe_all(topics)
+    }
+
     /// Waits until both connections are up, for at most `timeout`; returns whether they are.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         crate::poll_until(timeout, Duration::from_millis(10), || self.is_connected()).await
@@ -445,11 +456,23 @@ async fn apply(
     batch: &mut Vec<SubscriptionOp>,
 ) -> bool {
     let mut in_sync = true;
-    let mut subscribe: Vec<(String, oneshot::Sender<bool>)> = Vec::new();
+    let mut subscribe: Vec<(String, Option<oneshot::Sender<bool>>)> = Vec::new();
     let mut unsubscribe: Vec<String> = Vec::new();
-    for op in batch.drain(..) {
+    let changes = batch.drain(..).flat_map(|op| -> Vec<Change> {
         match op {
-            SubscriptionOp::Subscribe(topic, held) => {
+            SubscriptionOp::Subscribe(topic, held) => vec![Change::Hold(topic, Some(held))],
+            SubscriptionOp::SubscribeAll(topics) => {
+                topics.into_iter().map(|t| Change::Hold(t, None)).collect()
+            }
+            SubscriptionOp::Unsubscribe(topic) => vec![Change::Release(topic)],
+            SubscriptionOp::UnsubscribeAll(topics) => {
+                topics.into_iter().map(Change::Release).collect()
+            }
+        }
+    });
+    for change in changes {
+        match change {
+            Change::Hold(topic, held) => {
                 if !unsubscribe.is_empty() {
                     in_sync &=
                         unsubscribe_all(sharded, subscriber, mem::take(&mut unsubscribe)).await;
@@ -457,7 +480,7 @@ async fn apply(
                 wanted.insert(topic.clone());
                 subscribe.push((topic, held));
             }
-            SubscriptionOp::Unsubscribe(topic) => {
+            Change::Release(topic) => {
                 if !subscribe.is_empty() {
                     in_sync &= subscribe_all(sharded, subscriber, mem::take(&mut subscribe)).await;
                 }
@@ -476,6 +499,13 @@ async fn apply(
     in_sync
 }
 
+/// One topic's part of a [`SubscriptionOp`].
+enum Change {
+    /// Subscribe, answering on the sender if there is one.
+    Hold(String, Option<oneshot::Sender<bool>>),
+    Release(String),
+}
+
 /// One SUBSCRIBE for all of them (again for any already held: harmless, and it proves
 /// the current connection holds it). Answers each; false when it did not happen.
 ///
@@ -485,9 +515,10 @@ async fn apply(
 async fn subscribe_all(
     sharded: bool,
     subscriber: &SubscriberClient,
-    topics: Vec<(String, oneshot::Sender<bool>)>,
+    topics: Vec<(String, Option<oneshot::Sender<bool>>)>,
 ) -> bool {
-    let (names, answers): (Vec<String>, Vec<oneshot::Sender<bool>>) = topics.into_iter().unzip();
+    let (names, answers): (Vec<String>, Vec<Option<oneshot::Sender<bool>>>) =
+        topics.into_iter().unzip();
     let done = subscriber.is_connected() && {
         match hold(sharded, subscriber, names, true).await {
             Ok(()) => true,
@@ -497,7 +528,7 @@ async fn subscribe_all(
             }
         }
     };
-    for answer in answers {
+    for answer in answers.into_iter().flatten() {
         let _ = answer.send(done);
     }
     done

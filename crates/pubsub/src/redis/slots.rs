@@ -64,8 +64,17 @@ pub(crate) struct Route<M> {
 impl<M: MasterLink> Route<M> {
     /// The master of `slot`, if the table names one.
     pub(crate) fn master(&self, slot: u16) -> Option<&Master<M>> {
-        let index = *self.slots.get(usize::from(slot))?;
-        self.masters.get(usize::from(index)).map(Arc::as_ref)
+        self.index(slot).map(|index| self.masters[index].as_ref())
+    }
+
+    /// The index in `masters` of the master of `key`'s slot.
+    pub(crate) fn index_of(&self, key: &[u8]) -> Option<usize> {
+        self.index(fred::util::redis_keyslot(key))
+    }
+
+    fn index(&self, slot: u16) -> Option<usize> {
+        let index = usize::from(*self.slots.get(usize::from(slot))?);
+        (index < self.masters.len()).then_some(index)
     }
 
     /// The master of `key`'s slot (of its hash tag, when it has one).
@@ -82,10 +91,8 @@ impl<M: MasterLink> Route<M> {
     }
 
     /// Whether `master` is still one of this route's.
-    pub(crate) fn keeps(&self, master: &Master<M>) -> bool {
-        self.masters
-            .iter()
-            .any(|kept| std::ptr::eq(kept.as_ref(), master))
+    pub(crate) fn keeps(&self, master: &Arc<Master<M>>) -> bool {
+        self.masters.iter().any(|kept| Arc::ptr_eq(kept, master))
     }
 
     /// Every slot has a master, and every master is connected.

@@ -370,6 +370,11 @@ impl RedisCluster {
             .trim()
             .parse()
             .expect("a slot number");
+        self.node_of_slot(slot)
+    }
+
+    /// The index of the (first) node that holds `slot`.
+    pub fn node_of_slot(&self, slot: u16) -> usize {
         self.ranges
             .iter()
             .position(|(first, last)| (*first..=*last).contains(&slot))
