@@ -590,6 +590,21 @@ async fn publish_in_turn(
     *seq += 1;
 }
 
+/// An `h:` channel (history and presence) whose topic, history keys and presence
+/// keys are all on `node`.
+fn tracked_channel_on(cluster: &RedisCluster, prefix: &str, node: usize) -> String {
+    (0..)
+        .map(|i| format!("h:{i}"))
+        .find(|channel| {
+            let history = format!("{prefix}|{{{:016x}}}hm|{channel}", hash(channel.as_bytes()));
+            let presence = presence_tag(prefix, shard_of(channel, CLUSTER_SHARDS));
+            cluster.node_of(&topic(prefix, channel)) == node
+                && cluster.node_of(&history) == node
+                && cluster.node_of(&presence) == node
+        })
+        .expect("some channel on every node")
+}
+
 /// Whether every replica reports `wanted` as its masters' states.
 async fn masters_are(addrs: &[SocketAddr], wanted: &[bool]) -> bool {
     for &addr in addrs {
@@ -612,19 +627,6 @@ async fn redis_cluster_master_outage_stops_only_its_channels() {
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
     // Not the master of connection records and liveness (`{<prefix>}`).
     let down = (cluster.node_of(&presence_tag(prefix, 0)) + 1) % 3;
-    let on_node = |namespace: &str, node: usize| -> String {
-        (0..)
-            .map(|i| format!("{namespace}:{i}"))
-            .find(|channel| {
-                // Its topic, history and presence all on that node.
-                let history = format!("{prefix}|{{{:016x}}}hm|{channel}", hash(channel.as_bytes()));
-                cluster.node_of(&topic(prefix, channel)) == node
-                    && cluster.node_of(&history) == node
-                    && cluster.node_of(&presence_tag(prefix, shard_of(channel, CLUSTER_SHARDS)))
-                        == node
-            })
-            .expect("some channel on every node")
-    };
     let channels = channel_per_master(&cluster, prefix, 3);
     let stays: Vec<&String> = (0..3)
         .filter(|n| *n != down)
@@ -642,7 +644,9 @@ async fn redis_cluster_master_outage_stops_only_its_channels() {
         publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
     }
     // History and presence channels on every master, a member of each on replica 2.
-    let tracked: Vec<String> = (0..3).map(|node| on_node("h", node)).collect();
+    let tracked: Vec<String> = (0..3)
+        .map(|node| tracked_channel_on(&cluster, prefix, node))
+        .collect();
     let mut member = Client::connect_url(&ws_url(addrs[2])).await;
     for channel in &tracked {
         member.ok("subscribe", json!({"channel": channel})).await;
@@ -751,6 +755,11 @@ async fn redis_cluster_failover_moves_channels_to_the_new_master() {
         &mut seq,
     )
     .await;
+    // A history channel whose keys are on the master that fails.
+    let kept = tracked_channel_on(&cluster, prefix, 1);
+    publisher
+        .ok("publish", json!({"channel": kept, "data": "before"}))
+        .await;
 
     cluster.nodes[1].stop();
     // The replica takes over after the cluster's node timeout (2 s); meanwhile, and
@@ -800,4 +809,23 @@ async fn redis_cluster_failover_moves_channels_to_the_new_master() {
         .await;
     }
     subscriber.assert_nothing_pending().await;
+    // Its history is written and read on the new master (the stores read the new
+    // slot table too).
+    eventually(
+        "a history channel of the failed master to take publications",
+        || async {
+            let mut client = Client::connect(addrs[2]).await;
+            let reply = client
+                .call("publish", json!({"channel": kept, "data": "after"}))
+                .await;
+            reply.get("error").is_none()
+        },
+    )
+    .await;
+    let page = publisher.ok("history", json!({"channel": kept})).await;
+    let last = page["publications"]
+        .as_array()
+        .and_then(|publications| publications.last())
+        .map(|publication| publication["data"].clone());
+    assert_eq!(last, Some(json!("after")), "{page}");
 }
