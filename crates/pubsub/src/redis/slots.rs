@@ -11,7 +11,7 @@
 //! seed nodes ([`keep_current`]): at start, every [`REFRESH`], every
 //! [`REFRESH_WHILE_DOWN`] while a master is unreachable or a slot has none (a failover
 //! promotes a replica, at a new address), and at once when a caller saw a redirection
-//! ([`SlotTable::stale`]). A new table keeps the links of masters it still names, opens
+//! ([`SlotTable::stale_signal`]). A new table keeps the links of masters it still names, opens
 //! links to new ones and drops the rest; each change counts in [`SlotTable::epoch`].
 //!
 //! Masters are listed by their first slot: the order of `/health`'s `pubsub.shards`.
