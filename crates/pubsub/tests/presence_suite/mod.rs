@@ -282,7 +282,9 @@ async fn reap_all(store: &Arc<dyn PresenceStore>, into: &mut Vec<Lost>) {
 /// A replica that stops beating is reaped once its liveness runs out: every one of
 /// its connections and memberships is removed and handed to exactly one reaper.
 pub async fn a_dead_replica_is_reaped_once(s: &Stores) {
-    s.a.beat("dead", 1, SHORT_TTL).await.expect("beat");
+    // Alive for as long as the set-up takes (on a loaded machine, longer than a short
+    // TTL); its last beat, with a short TTL, comes after.
+    s.a.beat("dead", 1, LONG_TTL).await.expect("beat");
     s.b.beat("alive", 2, LONG_TTL).await.expect("beat");
     let mut on_dead = Vec::new();
     for n in 0..20 {
@@ -309,6 +311,7 @@ pub async fn a_dead_replica_is_reaped_once(s: &Stores) {
 
     // Not reaped while alive.
     assert!(s.b.reap(100).await.expect("reap").is_empty());
+    s.a.beat("dead", 1, SHORT_TTL).await.expect("beat");
     let deadline = tokio::time::Instant::now() + SOON;
     while s.b.nodes().await.expect("nodes").len() > 1 {
         assert!(
