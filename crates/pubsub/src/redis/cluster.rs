@@ -69,6 +69,13 @@ impl ClusterBackbone {
         })
     }
 
+    /// Losses of closed masters (`retired`) and of the current ones (`each`).
+    fn losses(&self, retired: &AtomicU64, each: fn(&RedisBackbone) -> u64) -> u64 {
+        let route = self.shared.table.route();
+        let current: u64 = route.masters.iter().map(|m| each(&m.link)).sum();
+        retired.load(Ordering::Acquire) + current
+    }
+
     /// A generation that changes with the route as well as with `connections`.
     fn generation_with(&self, connections: u64) -> u64 {
         (self.shared.table.epoch() << 32).wrapping_add(connections)
@@ -224,22 +231,10 @@ impl Backbone for ClusterBackbone {
     }
 
     fn dropped_published(&self) -> u64 {
-        let route = self.shared.table.route();
-        self.shared.retired_published.load(Ordering::Acquire)
-            + route
-                .masters
-                .iter()
-                .map(|m| m.link.dropped_published())
-                .sum::<u64>()
+        self.losses(&self.shared.retired_published, Backbone::dropped_published)
     }
 
     fn dropped_received(&self) -> u64 {
-        let route = self.shared.table.route();
-        self.shared.retired_received.load(Ordering::Acquire)
-            + route
-                .masters
-                .iter()
-                .map(|m| m.link.dropped_received())
-                .sum::<u64>()
+        self.losses(&self.shared.retired_received, Backbone::dropped_received)
     }
 }

@@ -279,6 +279,20 @@ async fn presence_of(addr: SocketAddr, channel: &str) -> Result<(usize, Value), 
     }
 }
 
+/// A client on `at` subscribed to each of `channels`, once presence (asked on `asked`)
+/// shows it as the one member of each.
+async fn member_of(at: SocketAddr, asked: SocketAddr, channels: &[String]) -> Client {
+    let mut member = Client::connect_url(&ws_url(at)).await;
+    for channel in channels {
+        member.ok("subscribe", json!({"channel": channel})).await;
+        eventually("the member to appear in presence", || async {
+            presence_of(asked, channel).await.is_ok_and(|(n, _)| n == 1)
+        })
+        .await;
+    }
+    member
+}
+
 /// One shard stops and comes back: its channels stop and recover, the other shards'
 /// channels never notice (every publication during the outage arrives, in order).
 async fn a_shard_outage_stops_only_its_channels() {
@@ -299,33 +313,12 @@ async fn a_shard_outage_stops_only_its_channels() {
             .await;
     }
     let mut seq = 0;
-    let mut publish_to_survivors = async |publisher: &mut Client, subscriber: &mut Client| {
-        for channel in stays {
-            publisher
-                .ok("publish", json!({"channel": channel, "data": seq}))
-                .await;
-            assert_eq!(
-                subscriber.recv().await["params"],
-                json!({"channel": channel, "data": seq})
-            );
-        }
-        seq += 1;
-    };
     for _ in 0..10 {
-        publish_to_survivors(&mut publisher, &mut subscriber).await;
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
     }
     // Presence on a channel of every shard, each on its own shard: a member on replica 2.
     let tracked: Vec<String> = (0..COUNT).map(|s| channel_on("h", s, COUNT)).collect();
-    let mut member = Client::connect_url(&ws_url(addrs[2])).await;
-    for channel in &tracked {
-        member.ok("subscribe", json!({"channel": channel})).await;
-        eventually("the member to appear in presence", || async {
-            presence_of(addrs[0], channel)
-                .await
-                .is_ok_and(|(n, _)| n == 1)
-        })
-        .await;
-    }
+    let _member = member_of(addrs[2], addrs[0], &tracked).await;
 
     servers[1].stop();
     eventually("/health to report the shard down", || async {
@@ -349,7 +342,7 @@ async fn a_shard_outage_stops_only_its_channels() {
     assert_eq!(reply["error"]["code"], -32053, "{reply}");
     assert_eq!(reply["error"]["data"], json!({"delivered": "local"}));
     for _ in 0..10 {
-        publish_to_survivors(&mut publisher, &mut subscriber).await;
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
     }
     // Presence of the other shards' channels answers; the stopped one's does not.
     // (Eventually: a replica whose first liveness beat comes only now removes what an
@@ -400,7 +393,7 @@ async fn a_shard_outage_stops_only_its_channels() {
         json!({"channel": down, "data": "back"})
     );
     for _ in 0..10 {
-        publish_to_survivors(&mut publisher, &mut subscriber).await;
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
     }
     subscriber.assert_nothing_pending().await;
     // The server came back empty: at its next beats (every `WS_PRESENCE_TTL` / 5) the
@@ -647,16 +640,7 @@ async fn redis_cluster_master_outage_stops_only_its_channels() {
     let tracked: Vec<String> = (0..3)
         .map(|node| tracked_channel_on(&cluster, prefix, node))
         .collect();
-    let mut member = Client::connect_url(&ws_url(addrs[2])).await;
-    for channel in &tracked {
-        member.ok("subscribe", json!({"channel": channel})).await;
-        eventually("the member to appear in presence", || async {
-            presence_of(addrs[0], channel)
-                .await
-                .is_ok_and(|(n, _)| n == 1)
-        })
-        .await;
-    }
+    let _member = member_of(addrs[2], addrs[0], &tracked).await;
 
     cluster.nodes[down].stop();
     let mut states = [true; 3];
