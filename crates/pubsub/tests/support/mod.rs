@@ -60,6 +60,14 @@ impl Server {
         server
     }
 
+    /// Starts a server with more command-line arguments (`--requirepass ...`).
+    pub fn start_with_args(kind: Kind, args: &[&str]) -> Self {
+        let mut server = Self::stopped(kind);
+        server.extra = args.iter().map(|arg| (*arg).to_owned()).collect();
+        server.restart();
+        server
+    }
+
     /// Starts a server without JetStream (NATS; Redis has nothing to leave out).
     pub fn start_without_jetstream(kind: Kind) -> Self {
         let mut server = Self::stopped(kind).without_jetstream();
