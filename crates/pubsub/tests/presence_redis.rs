@@ -239,7 +239,15 @@ async fn many_reapers_hand_out_each_connection_once() {
         .join("room", &orphan.member())
         .await
         .expect("join");
-    tokio::time::sleep(SHORT_TTL + Duration::from_millis(50)).await;
+    // Until the dead replica's liveness has expired.
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !stores[1].nodes().await.expect("nodes").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead replica never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let reaps = stores.iter().map(|store| async move {
         let mut lost = Vec::new();
