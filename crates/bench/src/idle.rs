@@ -8,8 +8,8 @@
 //!
 //! Master / worker protocol (one line each, worker stdout / stdin):
 //! `ready` -> `go` -> `p <ok> <failed>`* -> `done <ok> <failed> <first error>`
-//! [-> `sub` -> `s <ok> <failed>`* -> `lat <µs> <µs> ...` -> `subdone <ok> <failed>
-//! <first error>`] -> `close` (or stdin EOF) -> `closed <dropped during hold>`.
+//! \[-> `sub` -> `s <ok> <failed>`* -> `lat <µs> <µs> ...` -> `subdone <ok> <failed>
+//! <first error>`\] -> `close` (or stdin EOF) -> `closed <dropped during hold>`.
 //! The `sub` part (workers started with `--channel`) subscribes every connection;
 //! [`Pool`] drives it for the `presence` and `send` scenarios.
 

@@ -38,7 +38,7 @@ pub struct ReplicaOpts {
     pub backbone: Option<String>,
     /// With a JWT secret, the servers require tokens signed with it.
     pub jwt_secret: Option<String>,
-    /// The cluster's topic prefix (`WS_PUBSUB_CHANNEL`) [`chorus-bench`]; it also names
+    /// The cluster's topic prefix (`WS_PUBSUB_CHANNEL`, `chorus-bench` by default); it also names
     /// the presence keys (Redis) and bucket (NATS).
     pub prefix: Option<String>,
     /// More environment (e.g. `WS_NAMESPACES`, `WS_API_KEY`).
