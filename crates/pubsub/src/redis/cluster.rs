@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 use super::RedisBackbone;
 use super::link::NAME;
@@ -185,12 +184,8 @@ impl Backbone for ClusterBackbone {
         let mut wanted = self.shared.wanted();
         let held = match self.shared.table.route().master_of(topic.as_bytes()) {
             Some(master) => master.link.subscribe(topic)?,
-            None => {
-                // Subscribed once a table names its master.
-                let (answer, held) = oneshot::channel();
-                let _ = answer.send(false);
-                held
-            }
+            // Subscribed once a table names its master.
+            None => crate::held(false),
         };
         wanted.insert(topic.to_owned());
         Ok(held)
