@@ -551,33 +551,24 @@ async fn unsubscribe_all(
     }
 }
 
-/// SUBSCRIBE `topics`, or on a Redis Cluster SSUBSCRIBE them, one command per slot
-/// (a sharded subscription names channels of one slot), on the connection to the node
-/// that holds the slot. With `confirm`, a PING follows on that same connection.
+/// SUBSCRIBE `topics`, or on a Redis Cluster master SSUBSCRIBE them, one command per
+/// slot (a sharded subscription names channels of one slot). With `confirm`, one PING
+/// follows: the connection leads to one server, which answers its commands in order.
 async fn hold(
     sharded: bool,
     subscriber: &SubscriberClient,
     topics: Vec<String>,
     confirm: bool,
 ) -> Result<(), fred::error::Error> {
-    if !sharded {
+    if sharded {
+        for topics in by_slot(topics).into_values() {
+            subscriber.ssubscribe(topics).await?;
+        }
+    } else {
         subscriber.subscribe(topics).await?;
-        if confirm {
-            subscriber.ping::<Value>(None).await?;
-        }
-        return Ok(());
     }
-    for (slot, topics) in by_slot(topics) {
-        subscriber.ssubscribe(topics).await?;
-        if confirm {
-            // Routed by the slot: the node (and connection) the SSUBSCRIBE went to.
-            let ping = fred::types::CustomCommand::new_static(
-                "PING",
-                fred::types::ClusterHash::Custom(slot),
-                false,
-            );
-            subscriber.custom::<Value, Value>(ping, Vec::new()).await?;
-        }
+    if confirm {
+        subscriber.ping::<Value>(None).await?;
     }
     Ok(())
 }
@@ -591,7 +582,7 @@ async fn release(
     if !sharded {
         return subscriber.unsubscribe(topics).await;
     }
-    for (_, topics) in by_slot(topics) {
+    for topics in by_slot(topics).into_values() {
         subscriber.sunsubscribe(topics).await?;
     }
     Ok(())
