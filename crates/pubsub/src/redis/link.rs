@@ -229,11 +229,7 @@ pub(crate) fn failure(error: &FredError) -> Failure {
         "ASK",
         "CLUSTERDOWN",
     ];
-    let code = error
-        .details()
-        .split_whitespace()
-        .next()
-        .unwrap_or_default();
+    let code = reply_code(error);
     let refused = code.len() >= 2 && code.bytes().all(|b| b.is_ascii_uppercase());
     if refused && !TRANSIENT.contains(&code) {
         Failure::Unavailable(error.details().to_owned())
@@ -242,8 +238,17 @@ pub(crate) fn failure(error: &FredError) -> Failure {
     }
 }
 
+/// The first word of an error reply (`MOVED`, `NOSCRIPT`, `ERR`, ...).
+fn reply_code(error: &FredError) -> &str {
+    error
+        .details()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+}
+
 fn is_noscript(error: &FredError) -> bool {
-    error.details().starts_with("NOSCRIPT")
+    reply_code(error) == "NOSCRIPT"
 }
 
 /// A Lua script and, once Redis told it, its SHA-1 (which never changes).
@@ -362,12 +367,13 @@ impl StoreLink {
         name: &'static str,
         args: Vec<Value>,
     ) -> Result<Value, Failure> {
-        let slot = args.first().and_then(|key| bytes(key).ok()).map(redis_slot);
         match &self.nodes {
             Nodes::Server(link) => link.command(name, args).await,
             Nodes::Cluster { table, .. } => {
                 let route = table.route_full();
-                node(&route, slot)?.command(name, args).await
+                node(&route, first_key_slot(&args))?
+                    .command(name, args)
+                    .await
             }
         }
     }
@@ -398,11 +404,7 @@ impl StoreLink {
             Nodes::Server(link) => link.run(script, keys, args).await,
             Nodes::Cluster { table, .. } => {
                 // By the first key's slot, or the home slot.
-                let slot = keys
-                    .first()
-                    .and_then(|key| bytes(key).ok())
-                    .map(redis_slot)
-                    .or(home);
+                let slot = first_key_slot(&keys).or(home);
                 let route = table.route_full();
                 node(&route, slot)?.run(script, keys, args).await
             }
@@ -544,17 +546,18 @@ impl ServerLink {
 
 /// The cluster hash slot of `key` (of its hash tag, when it has one).
 pub(crate) fn slot(key: &str) -> u16 {
-    redis_slot(key.as_bytes())
+    fred::util::redis_keyslot(key.as_bytes())
 }
 
-fn redis_slot(key: &[u8]) -> u16 {
-    fred::util::redis_keyslot(key)
+/// The slot of a command's first argument, its key.
+fn first_key_slot(args: &[Value]) -> Option<u16> {
+    let key = bytes(args.first()?).ok()?;
+    Some(fred::util::redis_keyslot(key))
 }
 
 /// A cluster node's answer that the slot is served elsewhere.
 fn is_redirection(error: &FredError) -> bool {
-    let details = error.details();
-    details.starts_with("MOVED ") || details.starts_with("ASK ")
+    matches!(reply_code(error), "MOVED" | "ASK")
 }
 
 /// Keeps `up` up to date: fred reports every lost connection and every failed
