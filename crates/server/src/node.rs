@@ -374,15 +374,9 @@ impl ClusterNode {
     /// history, no order beyond the backbone's).
     fn publish_frame(&self, channel: &str, frame: Frame) -> Delivery {
         let frame = self.tagged(channel, frame);
-        // The backbone first: its publisher task then runs before the local clients'
-        // tasks woken by the fan-out, instead of queueing behind them.
-        let delivery = if self.backbone.is_none() {
-            Delivery::Cluster
-        } else {
-            let envelope =
-                self.envelope(Kind::Channel, channel.to_owned(), frame.as_bytes().clone());
-            self.send_to_cluster(&envelope, &[self.topics.channel(channel)])
-        };
+        let delivery = self.frame_to_cluster(Kind::Channel, channel, &frame, || {
+            self.topics.channel(channel)
+        });
         self.hub.publish(channel, &frame);
         delivery
     }
@@ -667,6 +661,24 @@ impl ClusterNode {
             payload,
             position: None,
         }
+    }
+
+    /// Sends `frame` to the other replicas as a `kind` envelope for `target` on
+    /// `topic()`, when there is a backbone. Called before the local fan-out: the
+    /// backbone's publisher task then runs before the local clients' tasks woken by the
+    /// fan-out, instead of queueing behind them.
+    fn frame_to_cluster(
+        &self,
+        kind: Kind,
+        target: &str,
+        frame: &Frame,
+        topic: impl FnOnce() -> String,
+    ) -> Delivery {
+        if self.backbone.is_none() {
+            return Delivery::Cluster;
+        }
+        let envelope = self.envelope(kind, target.to_owned(), frame.as_bytes().clone());
+        self.send_to_cluster(&envelope, &[topic()])
     }
 
     /// Publishes one envelope on every topic in `topics` (receivers drop the copies).
@@ -1105,14 +1117,9 @@ impl ClusterNode {
 
 impl Node for ClusterNode {
     fn broadcast(&self, frame: Frame) -> Delivery {
-        // The backbone first: its publisher task then runs before the local clients'
-        // tasks woken by the fan-out, instead of queueing behind them.
-        let delivery = if self.backbone.is_none() {
-            Delivery::Cluster
-        } else {
-            let envelope = self.envelope(Kind::Broadcast, String::new(), frame.as_bytes().clone());
-            self.send_to_cluster(&envelope, &[self.topics.broadcast().to_owned()])
-        };
+        let delivery = self.frame_to_cluster(Kind::Broadcast, "", &frame, || {
+            self.topics.broadcast().to_owned()
+        });
         self.hub.broadcast(&frame);
         delivery
     }
