@@ -191,51 +191,15 @@ async fn every_shard_delivers_once_and_holds_only_its_channels(count: usize) {
     let mut reader = Client::connect_url(&ws_url(addrs[2])).await;
     for shard in 0..count {
         let channel = channel_on("h", shard, count);
-        let mut member = Client::connect_url(&ws_url(addrs[1])).await;
-        member.ok("subscribe", json!({"channel": channel})).await;
-        for data in ["one", "two"] {
-            let reply = publisher
-                .ok("publish", json!({"channel": channel, "data": data}))
+        let _member =
+            history_recovery_and_presence(&mut publisher, &mut reader, &addrs, &channel, false)
                 .await;
-            assert!(reply["offset"].as_u64().is_some(), "{reply}");
-        }
-        let page = reader.ok("history", json!({"channel": channel})).await;
-        let data: Vec<&Value> = page["publications"]
-            .as_array()
-            .expect("publications")
-            .iter()
-            .map(|publication| &publication["data"])
-            .collect();
-        assert_eq!(data, [&json!("one"), &json!("two")], "{page}");
         let stream = format!("{prefix}|hs|{channel}");
         for (other, server) in servers.iter().enumerate() {
             let exists = server.redis_cli(&["EXISTS", &stream]);
             let wanted = if other == shard { "1" } else { "0" };
             assert_eq!(exists, [wanted], "{stream} on shard {other}");
         }
-        // Recovery: a client that saw offset 1 gets offset 2 back.
-        let first = &page["publications"][0];
-        let epoch = page["epoch"].clone();
-        let recovered = reader
-            .ok(
-                "subscribe",
-                json!({"channel": channel, "since": {"offset": first["offset"], "epoch": epoch}}),
-            )
-            .await;
-        assert_eq!(recovered["recovered"], true, "{recovered}");
-        assert_eq!(recovered["publications"][0]["data"], "two", "{recovered}");
-        eventually("the member to appear in presence", || {
-            let channel = channel.clone();
-            let addr = addrs[0];
-            async move {
-                let mut client = Client::connect(addr).await;
-                let reply = client.call("presence", json!({"channel": channel})).await;
-                reply["result"]["clients"]
-                    .as_array()
-                    .is_some_and(|clients| !clients.is_empty())
-            }
-        })
-        .await;
         // Its members (the member and the reader) live on its shard only.
         let stats = reader
             .ok("presence_stats", json!({"channel": channel}))
@@ -258,6 +222,57 @@ async fn every_shard_delivers_once_and_holds_only_its_channels(count: usize) {
             "{connections} on shard {shard}"
         );
     }
+}
+
+/// On `channel` (history and presence) of three replicas at `addrs`: a member
+/// subscribes on the second, `publisher` publishes "one" and "two" (with idempotency
+/// keys when `idempotent`), `reader` finds both in the history and recovers "two" from
+/// the first's offset, and presence asked on the first replica shows the member, which
+/// is returned (still subscribed).
+async fn history_recovery_and_presence(
+    publisher: &mut Client,
+    reader: &mut Client,
+    addrs: &[SocketAddr],
+    channel: &str,
+    idempotent: bool,
+) -> Client {
+    let mut member = Client::connect_url(&ws_url(addrs[1])).await;
+    member.ok("subscribe", json!({"channel": channel})).await;
+    for data in ["one", "two"] {
+        let mut params = json!({"channel": channel, "data": data});
+        if idempotent {
+            params["idempotency_key"] = json!(data);
+        }
+        let reply = publisher.ok("publish", params).await;
+        assert!(reply["offset"].as_u64().is_some(), "{reply}");
+    }
+    let page = reader.ok("history", json!({"channel": channel})).await;
+    let data: Vec<&Value> = page["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|publication| &publication["data"])
+        .collect();
+    assert_eq!(data, [&json!("one"), &json!("two")], "{page}");
+    // Recovery: a client that saw offset 1 gets offset 2 back.
+    let first = &page["publications"][0];
+    let recovered = reader
+        .ok(
+            "subscribe",
+            json!({"channel": channel, "since": {"offset": first["offset"], "epoch": page["epoch"]}}),
+        )
+        .await;
+    assert_eq!(recovered["recovered"], true, "{recovered}");
+    assert_eq!(recovered["publications"][0]["data"], "two", "{recovered}");
+    eventually("the member to appear in presence", || async {
+        let mut client = Client::connect(addrs[0]).await;
+        let reply = client.call("presence", json!({"channel": channel})).await;
+        reply["result"]["clients"]
+            .as_array()
+            .is_some_and(|clients| !clients.is_empty())
+    })
+    .await;
+    member
 }
 
 /// `presence` and `presence_stats` of `channel` asked on `addr`: the result, or the
@@ -486,45 +501,9 @@ async fn redis_cluster_of_three_masters() {
     let mut reader = Client::connect_url(&ws_url(addrs[2])).await;
     for node in 0..3 {
         let channel = on_node("h", node);
-        let mut member = Client::connect_url(&ws_url(addrs[1])).await;
-        member.ok("subscribe", json!({"channel": channel})).await;
-        for data in ["one", "two"] {
-            publisher
-                .ok(
-                    "publish",
-                    json!({"channel": channel, "data": data, "idempotency_key": data}),
-                )
+        let _member =
+            history_recovery_and_presence(&mut publisher, &mut reader, &addrs, &channel, true)
                 .await;
-        }
-        let page = reader.ok("history", json!({"channel": channel})).await;
-        let data: Vec<&Value> = page["publications"]
-            .as_array()
-            .expect("publications")
-            .iter()
-            .map(|publication| &publication["data"])
-            .collect();
-        assert_eq!(data, [&json!("one"), &json!("two")], "{page}");
-        let first = &page["publications"][0];
-        let recovered = reader
-            .ok(
-                "subscribe",
-                json!({"channel": channel, "since": {"offset": first["offset"], "epoch": page["epoch"]}}),
-            )
-            .await;
-        assert_eq!(recovered["recovered"], true, "{recovered}");
-        assert_eq!(recovered["publications"][0]["data"], "two", "{recovered}");
-        eventually("the member to appear in presence", || {
-            let channel = channel.clone();
-            let addr = addrs[0];
-            async move {
-                let mut client = Client::connect(addr).await;
-                let reply = client.call("presence", json!({"channel": channel})).await;
-                reply["result"]["clients"]
-                    .as_array()
-                    .is_some_and(|clients| !clients.is_empty())
-            }
-        })
-        .await;
         // Its members are under its presence shard's hash tag, on that slot's node.
         let members = format!(
             "{}|cm|{channel}",
