@@ -79,6 +79,26 @@ async fn replicas_on(urls: &str, shards: usize, prefix: &str) -> Vec<ServerProce
     processes
 }
 
+/// A publisher on the first replica, and a subscriber to every one of `channels` on
+/// each of the others.
+async fn publisher_and_subscribers(
+    addrs: &[SocketAddr],
+    channels: &[String],
+) -> (Client, Vec<Client>) {
+    let publisher = Client::connect_url(&ws_url(addrs[0])).await;
+    let mut subscribers = Vec::new();
+    for &addr in &addrs[1..] {
+        let mut subscriber = Client::connect_url(&ws_url(addr)).await;
+        for channel in channels {
+            subscriber
+                .ok("subscribe", json!({"channel": channel}))
+                .await;
+        }
+        subscribers.push(subscriber);
+    }
+    (publisher, subscribers)
+}
+
 /// Publishes one message on each of `channels` and a broadcast, and checks that every
 /// subscriber (subscribed to all of them) gets each exactly once. Channels on different
 /// servers keep no order between them, so the comparison is unordered.
@@ -137,17 +157,7 @@ async fn every_shard_delivers_once_and_holds_only_its_channels(count: usize) {
     let channels: Vec<String> = (0..count).map(|s| channel_on("room", s, count)).collect();
 
     // Two subscribers on replicas 1 and 2, a publisher on replica 0.
-    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
-    let mut subscribers = Vec::new();
-    for &addr in &addrs[1..] {
-        let mut subscriber = Client::connect_url(&ws_url(addr)).await;
-        for channel in &channels {
-            subscriber
-                .ok("subscribe", json!({"channel": channel}))
-                .await;
-        }
-        subscribers.push(subscriber);
-    }
+    let (mut publisher, mut subscribers) = publisher_and_subscribers(&addrs, &channels).await;
 
     // Interest routing: each server holds exactly its own channels' subscriptions.
     for (shard, server) in servers.iter().enumerate() {
@@ -455,25 +465,9 @@ async fn redis_cluster_of_three_masters() {
     let prefix = "rcluster";
     let processes = replicas_on(&cluster.url(), 3, prefix).await;
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
-    let on_node = |namespace: &str, node: usize| -> String {
-        (0..)
-            .map(|i| format!("{namespace}:{i}"))
-            .find(|channel| cluster.node_of(&topic(prefix, channel)) == node)
-            .expect("some channel on every node")
-    };
-    let channels: Vec<String> = (0..3).map(|node| on_node("room", node)).collect();
+    let channels = channel_per_master(&cluster, prefix, 3);
 
-    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
-    let mut subscribers = Vec::new();
-    for &addr in &addrs[1..] {
-        let mut subscriber = Client::connect_url(&ws_url(addr)).await;
-        for channel in &channels {
-            subscriber
-                .ok("subscribe", json!({"channel": channel}))
-                .await;
-        }
-        subscribers.push(subscriber);
-    }
+    let (mut publisher, mut subscribers) = publisher_and_subscribers(&addrs, &channels).await;
     // Sharded pub/sub: each node holds the SSUBSCRIBEs of its own channels only, and
     // no plain SUBSCRIBE at all.
     for (node, server) in cluster.nodes.iter().enumerate() {
@@ -500,7 +494,7 @@ async fn redis_cluster_of_three_masters() {
     // History and presence on a channel of every node.
     let mut reader = Client::connect_url(&ws_url(addrs[2])).await;
     for node in 0..3 {
-        let channel = on_node("h", node);
+        let channel = tracked_channel_on(&cluster, prefix, node);
         let _member =
             history_recovery_and_presence(&mut publisher, &mut reader, &addrs, &channel, true)
                 .await;
