@@ -330,13 +330,8 @@ async fn a_shard_outage_stops_only_its_channels() {
     // Shard 1 goes down; connections (presence's home) live on shard 0, which stays.
     let (down, stays) = (&channels[1], [&channels[0], &channels[2]]);
 
-    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
-    let mut subscriber = Client::connect_url(&ws_url(addrs[1])).await;
-    for channel in &channels {
-        subscriber
-            .ok("subscribe", json!({"channel": channel}))
-            .await;
-    }
+    let (mut publisher, mut subscribers) = publisher_and_subscribers(&addrs[..2], &channels).await;
+    let mut subscriber = subscribers.remove(0);
     let mut seq = 0;
     for _ in 0..10 {
         publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
@@ -598,13 +593,8 @@ async fn redis_cluster_master_outage_stops_only_its_channels() {
         .filter(|n| *n != down)
         .map(|n| &channels[n])
         .collect();
-    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
-    let mut subscriber = Client::connect_url(&ws_url(addrs[1])).await;
-    for channel in &channels {
-        subscriber
-            .ok("subscribe", json!({"channel": channel}))
-            .await;
-    }
+    let (mut publisher, mut subscribers) = publisher_and_subscribers(&addrs[..2], &channels).await;
+    let mut subscriber = subscribers.remove(0);
     let mut seq = 0;
     for _ in 0..10 {
         publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
@@ -697,13 +687,8 @@ async fn redis_cluster_failover_moves_channels_to_the_new_master() {
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
     let channels = channel_per_master(&cluster, prefix, 3);
     let (failed, stays) = (&channels[1], [&channels[0], &channels[2]]);
-    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
-    let mut subscriber = Client::connect_url(&ws_url(addrs[1])).await;
-    for channel in &channels {
-        subscriber
-            .ok("subscribe", json!({"channel": channel}))
-            .await;
-    }
+    let (mut publisher, mut subscribers) = publisher_and_subscribers(&addrs[..2], &channels).await;
+    let mut subscriber = subscribers.remove(0);
     let mut seq = 0;
     publish_in_turn(
         &mut publisher,
