@@ -223,30 +223,23 @@ impl Metrics {
             "ws_pubsub_errors_total",
             "Backbone failures (publish refused, undecodable envelope)",
         )?;
-        let connected_vec = IntGaugeVec::new(
-            Opts::new(
-                "ws_pubsub_connected",
-                "1 while the backbone connection is up",
-            ),
-            &["adapter"],
+        let labelled_gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let vec = IntGaugeVec::new(Opts::new(name, help), &["adapter"])?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok(vec.with_label_values(&[adapter]))
+        };
+        let connected = labelled_gauge(
+            "ws_pubsub_connected",
+            "1 while the backbone connection is up",
         )?;
-        registry.register(Box::new(connected_vec.clone()))?;
-        let shards_vec = IntGaugeVec::new(
-            Opts::new(
-                "ws_pubsub_shards",
-                "Backbone servers configured (WS_REDIS_URL entries; 1 otherwise)",
-            ),
-            &["adapter"],
+        let shards = labelled_gauge(
+            "ws_pubsub_shards",
+            "Backbone servers configured (WS_REDIS_URL entries; 1 otherwise)",
         )?;
-        registry.register(Box::new(shards_vec.clone()))?;
-        let shards_connected_vec = IntGaugeVec::new(
-            Opts::new(
-                "ws_pubsub_shards_connected",
-                "Backbone servers currently connected: below ws_pubsub_shards, the channels of the others stop",
-            ),
-            &["adapter"],
+        let shards_connected = labelled_gauge(
+            "ws_pubsub_shards_connected",
+            "Backbone servers currently connected: below ws_pubsub_shards, the channels of the others stop",
         )?;
-        registry.register(Box::new(shards_connected_vec.clone()))?;
         let latency_vec = HistogramVec::new(
             HistogramOpts::new(
                 "ws_pubsub_latency_seconds",
@@ -365,9 +358,9 @@ impl Metrics {
                 published,
                 received,
                 errors,
-                connected: connected_vec.with_label_values(&[adapter]),
-                shards: shards_vec.with_label_values(&[adapter]),
-                shards_connected: shards_connected_vec.with_label_values(&[adapter]),
+                connected,
+                shards,
+                shards_connected,
                 latency: latency_vec.with_label_values(&[adapter]),
                 node_id_conflicts,
                 dropped: [
