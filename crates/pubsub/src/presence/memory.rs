@@ -29,13 +29,17 @@ struct ChannelMembers {
 
 /// Every presence record, indexed for each question the trait asks. Mutations keep
 /// the indices consistent; none of them fails.
+/// A connection's client id as the indices hold it: one allocation shared by the
+/// connection table and the node, user and device indices, instead of a copy each.
+type ClientKey = Arc<str>;
+
 #[derive(Default, Debug)]
 pub struct PresenceState {
     nodes: BTreeMap<String, NodeEntry>,
     /// Boxed: a table sized for growth holds many empty slots, each as large as an
     /// entry.
-    connections: HashMap<String, Box<Connection>>,
-    by_node: HashMap<String, BTreeSet<String>>,
+    connections: HashMap<ClientKey, Box<Connection>>,
+    by_node: HashMap<String, BTreeSet<ClientKey>>,
     /// A user or device mostly has one connection: see [`Ids`] (results are sorted
     /// where they are read).
     by_user: HashMap<String, Ids>,
@@ -85,7 +89,7 @@ impl PresenceState {
     /// Records (or replaces) a connection; returns the user's connection count before,
     /// not counting this one.
     pub fn insert_connection(&mut self, connection: Connection) -> usize {
-        let client_id = connection.client_id.clone();
+        let client_id = ClientKey::from(connection.client_id.as_str());
         if self.connections.contains_key(&client_id) {
             self.remove_connection_only(&client_id);
         }
@@ -96,7 +100,7 @@ impl PresenceState {
         self.by_node
             .entry(connection.node_id.clone())
             .or_default()
-            .insert(client_id.clone());
+            .insert(Arc::clone(&client_id));
         if let Some(user) = &connection.user {
             add_id(&mut self.by_user, user, &client_id);
         }
@@ -201,7 +205,7 @@ impl PresenceState {
             .get(user)
             .into_iter()
             .flat_map(Ids::iter)
-            .filter(|client_id| client_id.as_str() != except)
+            .filter(|client_id| *client_id != except)
             .filter_map(|client_id| self.connection(client_id))
             .filter(|connection| connection.device.as_deref() == Some(device))
             .cloned()
@@ -305,25 +309,13 @@ impl PresenceState {
     pub fn count_targets(&self, users: &[String], devices: &[String], clients: &[String]) -> u64 {
         let mut targeted: HashSet<&str> = HashSet::new();
         for user in users {
-            targeted.extend(
-                self.by_user
-                    .get(user)
-                    .into_iter()
-                    .flat_map(Ids::iter)
-                    .map(String::as_str),
-            );
+            targeted.extend(self.by_user.get(user).into_iter().flat_map(Ids::iter));
         }
         for device in devices {
-            targeted.extend(
-                self.by_device
-                    .get(device)
-                    .into_iter()
-                    .flat_map(Ids::iter)
-                    .map(String::as_str),
-            );
+            targeted.extend(self.by_device.get(device).into_iter().flat_map(Ids::iter));
         }
         for client in clients {
-            if self.connections.contains_key(client) {
+            if self.connections.contains_key(client.as_str()) {
                 targeted.insert(client);
             }
         }
@@ -333,7 +325,7 @@ impl PresenceState {
     /// Removes up to `limit` connections of `node_id` and reports them; forgets the
     /// node once it holds nothing.
     pub fn reap_node(&mut self, node_id: &str, limit: usize) -> Vec<Lost> {
-        let victims: Vec<String> = self
+        let victims: Vec<ClientKey> = self
             .by_node
             .get(node_id)
             .into_iter()
@@ -375,10 +367,10 @@ impl PresenceState {
 /// single connection costs no table of its own.
 #[derive(Debug)]
 enum Ids {
-    One(String),
-    // Boxed: an inline set would widen every entry of the index by 24 bytes.
+    One(ClientKey),
+    // Boxed: an inline set would widen every entry of the index.
     #[allow(clippy::box_collection)]
-    Many(Box<HashSet<String>>),
+    Many(Box<HashSet<ClientKey>>),
 }
 
 impl Ids {
@@ -389,34 +381,34 @@ impl Ids {
         }
     }
 
-    fn iter(&self) -> Box<dyn Iterator<Item = &String> + '_> {
+    fn iter(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
-            Self::One(id) => Box::new(std::iter::once(id)),
-            Self::Many(ids) => Box::new(ids.iter()),
+            Self::One(id) => Box::new(std::iter::once(&**id)),
+            Self::Many(ids) => Box::new(ids.iter().map(|id| &**id)),
         }
     }
 }
 
-fn add_id(index: &mut HashMap<String, Ids>, key: &str, client_id: &str) {
+fn add_id(index: &mut HashMap<String, Ids>, key: &str, client_id: &ClientKey) {
     let Some(ids) = index.get_mut(key) else {
-        index.insert(key.to_owned(), Ids::One(client_id.to_owned()));
+        index.insert(key.to_owned(), Ids::One(Arc::clone(client_id)));
         return;
     };
     match ids {
         Ids::One(only) if only == client_id => {}
         Ids::One(only) => {
-            let first = std::mem::take(only);
-            *ids = Ids::Many(Box::new(HashSet::from([first, client_id.to_owned()])));
+            let both = HashSet::from([Arc::clone(only), Arc::clone(client_id)]);
+            *ids = Ids::Many(Box::new(both));
         }
         Ids::Many(set) => {
-            set.insert(client_id.to_owned());
+            set.insert(Arc::clone(client_id));
         }
     }
 }
 
 fn remove_from_set(index: &mut HashMap<String, Ids>, key: &str, client_id: &str) {
     let empty = match index.get_mut(key) {
-        Some(Ids::One(only)) => only == client_id,
+        Some(Ids::One(only)) => &**only == client_id,
         Some(Ids::Many(set)) => {
             set.remove(client_id);
             set.is_empty()
@@ -432,7 +424,7 @@ fn sort_by_client(connections: &mut [Connection]) {
     connections.sort_unstable_by(|a, b| a.client_id.cmp(&b.client_id));
 }
 
-fn remove_indexed(index: &mut HashMap<String, BTreeSet<String>>, key: &str, client_id: &str) {
+fn remove_indexed(index: &mut HashMap<String, BTreeSet<ClientKey>>, key: &str, client_id: &str) {
     if let Some(set) = index.get_mut(key) {
         set.remove(client_id);
         if set.is_empty() {
@@ -638,11 +630,11 @@ mod tests {
     #[test]
     fn an_id_index_grows_from_one_to_many_and_back_to_nothing() {
         let mut index = HashMap::new();
-        add_id(&mut index, "alice", "n/1");
-        add_id(&mut index, "alice", "n/1");
+        add_id(&mut index, "alice", &ClientKey::from("n/1"));
+        add_id(&mut index, "alice", &ClientKey::from("n/1"));
         assert_eq!(index["alice"].len(), 1, "the same id once");
-        add_id(&mut index, "alice", "n/2");
-        let mut ids: Vec<&String> = index["alice"].iter().collect();
+        add_id(&mut index, "alice", &ClientKey::from("n/2"));
+        let mut ids: Vec<&str> = index["alice"].iter().collect();
         ids.sort();
         assert_eq!(ids, ["n/1", "n/2"]);
         remove_from_set(&mut index, "alice", "n/3");
@@ -650,7 +642,7 @@ mod tests {
         assert_eq!(index["alice"].len(), 1);
         remove_from_set(&mut index, "alice", "n/2");
         assert!(index.is_empty());
-        add_id(&mut index, "bob", "n/4");
+        add_id(&mut index, "bob", &ClientKey::from("n/4"));
         remove_from_set(&mut index, "bob", "n/5");
         assert_eq!(index["bob"].len(), 1, "a stranger's id changes nothing");
         remove_from_set(&mut index, "bob", "n/4");
