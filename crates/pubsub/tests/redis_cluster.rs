@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_pubsub::Backbone;
-use chorus_pubsub::redis::connect_shards;
+use chorus_pubsub::redis::{channel_tag, connect_shards};
 use support::{RedisCluster, SOON};
 use tokio::time::{Instant, timeout};
 
@@ -22,8 +22,8 @@ async fn a_failover_moves_every_topic_of_the_failed_master() {
     let mut cluster = RedisCluster::start_replicated(3);
     let url = cluster.url();
     let (inbox, mut received) = support::inbox();
-    let subscriber = connect_shards(&url, inbox).await.expect("a valid URL");
-    let publisher = connect_shards(&url, support::inbox().0)
+    let subscriber = connect_shards(&url, "p", inbox).await.expect("a valid URL");
+    let publisher = connect_shards(&url, "p", support::inbox().0)
         .await
         .expect("a valid URL");
     let all_up = [true, true, true];
@@ -34,7 +34,10 @@ async fn a_failover_moves_every_topic_of_the_failed_master() {
 
     let topics: Vec<String> = (0..)
         .map(|i| format!("p/t{i}"))
-        .filter(|topic| cluster.node_of_slot(fred::util::redis_keyslot(topic.as_bytes())) == 1)
+        .filter(|topic| {
+            let slot = fred::util::redis_keyslot(redis_channel(topic).as_bytes());
+            cluster.node_of_slot(slot) == 1
+        })
         .take(TOPICS)
         .collect();
     for chunk in topics.chunks(1_000) {
@@ -98,4 +101,10 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The Redis channel a topic of prefix `p` travels on: behind its channel's hash tag.
+fn redis_channel(topic: &str) -> String {
+    let channel = topic.strip_prefix("p/").expect("a channel topic");
+    channel_tag("p", channel) + topic
 }

@@ -461,7 +461,7 @@ async fn connect_backbone(
         Backbone::Standalone => return Ok(None),
         Backbone::Local => Arc::new(bus.unwrap_or_default().attach(inbox)),
         Backbone::Redis { url } => Arc::from(
-            chorus_pubsub::redis::connect_shards(url, inbox)
+            chorus_pubsub::redis::connect_shards(url, &config.cluster.pubsub_channel, inbox)
                 .await
                 .map_err(failed)?,
         ),

@@ -26,7 +26,9 @@
 //! | `hi\|<n>\|<channel>\|<key>` | STRING | an idempotency key: `<offset>:<epoch>` of the first append, or `""` on a channel without history |
 //!
 //! In `hi`, `<n>` is the channel's length in bytes, which says where the channel ends
-//! and the key begins.
+//! and the key begins. In a Redis Cluster the channel's hash tag follows `<prefix>|`
+//! (`<prefix>|{<prefix>|<i>}hm|<channel>`, see [`crate::redis::channel_tag`]): a
+//! channel's keys share one slot with its topic and its presence.
 //!
 //! Entries are contiguous (trimmed only from the oldest end), so the oldest kept offset
 //! is the newest minus the stream's length, plus one. A stream id's first part is the
@@ -254,8 +256,9 @@ pub struct RedisHistory {
     links: Vec<StoreLink>,
     /// `"<prefix>|"`, the start of every key.
     prefix: String,
-    /// A Redis Cluster: each channel's keys carry a hash tag (see `start`).
-    tagged: bool,
+    /// In a Redis Cluster, the topic prefix: each channel's keys carry its channel's
+    /// hash tag (see `start`).
+    cluster: Option<String>,
     scripts: Scripts,
 }
 
@@ -306,10 +309,13 @@ pub async fn connect(url: &str, prefix: &str) -> Result<RedisHistory, HistoryErr
         .iter()
         .map(|url| StoreLink::connect(url, "history"))
         .collect::<Result<Vec<_>, _>>()?;
-    let tagged = links.iter().any(StoreLink::is_cluster);
+    let cluster = links
+        .iter()
+        .any(StoreLink::is_cluster)
+        .then(|| prefix.to_owned());
     Ok(RedisHistory {
         links,
-        tagged,
+        cluster,
         prefix: format!("{prefix}|"),
         scripts: Scripts {
             append: Script::new(APPEND),
@@ -335,18 +341,17 @@ impl RedisHistory {
         &self.links[crate::shards::shard_of(channel, self.links.len())]
     }
 
-    /// The start of `channel`'s keys: `<prefix>|`, and in a Redis Cluster a hash tag
-    /// of the channel (`{<16 hex digits>}`) that puts all of them in one slot, as
-    /// scripts need. The tag is a hash, not the name, because a name may hold braces.
+    /// The start of `channel`'s keys: `<prefix>|`, and in a Redis Cluster the
+    /// channel's hash tag ([`crate::redis::channel_tag`]), which puts all of them in
+    /// one slot, as scripts need, and in the slot of the channel's topic and presence.
     fn start(&self, channel: &str) -> String {
-        if self.tagged {
-            format!(
-                "{}{{{:016x}}}",
+        match &self.cluster {
+            Some(prefix) => format!(
+                "{}{}",
                 self.prefix,
-                crate::shards::hash(channel.as_bytes())
-            )
-        } else {
-            self.prefix.clone()
+                crate::redis::channel_tag(prefix, channel)
+            ),
+            None => self.prefix.clone(),
         }
     }
 

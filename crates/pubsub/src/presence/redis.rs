@@ -21,7 +21,8 @@
 //! its channels atomically. [`connect_shards`] spreads channel presence: over a list
 //! of servers, each channel's members on the channel's server and connections on the
 //! first; over a cluster, on [`CLUSTER_SHARDS`] stores, each with its own hash tag
-//! `{<prefix>|<i>}` (the first keeps `{<prefix>}`), so over its masters.
+//! `{<prefix>|<i>}` (the first keeps `{<prefix>}`), so over its masters, each channel
+//! under the tag its topic and history carry ([`crate::redis::channel_tag`]).
 //!
 //! # Keys
 //!
@@ -852,7 +853,7 @@ pub async fn connect_shards(
         let link = Arc::clone(&home.link);
         shards.push(Box::new(home));
         for index in 1..CLUSTER_SHARDS {
-            let tag = format!("{{{prefix}|{index}}}");
+            let tag = crate::redis::cluster_tag(prefix, index);
             shards.push(Box::new(RedisPresence::on(
                 Arc::clone(&link),
                 prefix,
@@ -879,16 +880,17 @@ fn connect_one(url: &str, prefix: &str) -> Result<RedisPresence, PresenceError> 
     let link = Arc::new(StoreLink::connect(url, "presence")?);
     // In a Redis Cluster every key starts with the hash tag `{<prefix>}`: all of them
     // are in one slot, on one node, as the scripts need (they touch many keys).
-    let tag = link.is_cluster().then(|| format!("{{{prefix}}}"));
+    let tag = link
+        .is_cluster()
+        .then(|| crate::redis::cluster_tag(prefix, 0));
     Ok(RedisPresence::on(link, prefix, tag))
 }
 
 /// In a Redis Cluster, the stores [`connect_shards`] spreads channel presence over:
-/// the home (tag `{<prefix>}`, the same keys as [`connect`]) and `CLUSTER_SHARDS - 1`
-/// more, tagged `{<prefix>|<i>}` (a prefix cannot contain `|`, so no other cluster's
-/// tag is the same), each a slot of its own that Redis places on some master. Fixed:
-/// changing it would move most channels' presence.
-pub const CLUSTER_SHARDS: usize = 16;
+/// one per [`crate::redis::cluster_tag`], the home (tag `{<prefix>}`, the same keys as
+/// [`connect`]) and `CLUSTER_SHARDS - 1` more, each a slot of its own that Redis places
+/// on some master, the slot of its channels' topics and history.
+pub use crate::redis::CLUSTER_SHARDS;
 
 impl RedisPresence {
     /// A store on `link` whose keys start with `<tag>|` (in a cluster, a hash tag that

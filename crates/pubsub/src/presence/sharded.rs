@@ -54,9 +54,11 @@
 //! # Redis Cluster
 //!
 //! Over a Redis Cluster the shards are not servers but hash tags on one link
-//! (`presence::redis::CLUSTER_SHARDS` of them, each one slot, placed by the same jump
-//! hash): channel presence load spreads over the masters, and a master that is down
-//! fails only the tags whose slot it serves (the link keeps a connection per master).
+//! (`crate::redis::CLUSTER_SHARDS` of them, each one slot, placed by the same jump
+//! hash), the tags the channels' topics and history keys carry too: channel presence
+//! load spreads over the masters, a channel's presence is on the master of its
+//! traffic, and a master that is down fails only the tags whose slot it serves (the
+//! link keeps a connection per master).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

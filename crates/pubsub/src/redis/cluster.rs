@@ -1,6 +1,8 @@
 //! A Redis Cluster as the backbone: a [`RedisBackbone`] per master (SPUBLISH and
 //! SSUBSCRIBE on plain connections to that master) in our own [`SlotTable`], each topic
-//! sent to the master of its hash slot. A master that is down stops only the channels
+//! sent to the master of its hash slot. A topic travels as the Redis channel
+//! `<tag><topic>`, its channel's [`super::channel_tag`], so it shares a slot with the
+//! channel's history and presence keys. A master that is down stops only the channels
 //! of its slots: Redis keeps serving sharded pub/sub on the others
 //! (`cluster-allow-pubsubshard-when-down`, on by default).
 //!
@@ -31,13 +33,15 @@ impl MasterLink for RedisBackbone {
 
 /// A Redis Cluster used as the backbone, one connection pair per master.
 pub(crate) struct ClusterBackbone {
+    /// The topics' prefix, which names the hash tags.
+    prefix: String,
     shared: Arc<Shared>,
     _refresh: AbortOnDrop,
 }
 
 struct Shared {
     table: Arc<SlotTable<RedisBackbone>>,
-    /// The topics the adapter holds, whichever master carries them. Changes to it
+    /// The Redis channels the adapter holds, whichever master carries them. Changes to it
     /// and route changes are made under this lock, so neither misses the other.
     wanted: Mutex<HashSet<String>>,
     /// Losses counted by masters that were closed.
@@ -49,7 +53,7 @@ impl ClusterBackbone {
     /// Starts reading the cluster's slot table from the seed nodes `url` names and
     /// returns at once; fails only for a malformed URL. Until a node answers, every
     /// topic is reported disconnected.
-    pub(crate) fn connect(url: &str, inbox: Inbox) -> Result<Self, PubsubError> {
+    pub(crate) fn connect(url: &str, prefix: &str, inbox: Inbox) -> Result<Self, PubsubError> {
         let shared = Arc::new(Shared {
             table: Arc::new(SlotTable::new(url)?),
             wanted: Mutex::new(HashSet::new()),
@@ -63,9 +67,16 @@ impl ClusterBackbone {
             move |old, route| installer.install(old, route),
         ));
         Ok(Self {
+            prefix: prefix.to_owned(),
             shared,
             _refresh: refresh,
         })
+    }
+
+    /// The Redis channel `topic` travels on: `topic` behind its channel's hash tag.
+    fn redis_channel(&self, topic: &str) -> String {
+        let tag = super::channel_tag(&self.prefix, crate::shards::shard_key(topic));
+        tag + topic
     }
 
     /// Losses of closed masters (`retired`) and of the current ones (`each`).
@@ -165,7 +176,7 @@ impl Backbone for ClusterBackbone {
         self.shared
             .table
             .route()
-            .master_of(topic.as_bytes())
+            .master_of(self.redis_channel(topic).as_bytes())
             .is_some_and(|master| master.link.is_up())
     }
 
@@ -174,29 +185,32 @@ impl Backbone for ClusterBackbone {
     }
 
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PubsubError> {
-        match self.shared.table.route().master_of(topic.as_bytes()) {
-            Some(master) => master.link.publish(topic, payload),
+        let channel = self.redis_channel(topic);
+        match self.shared.table.route().master_of(channel.as_bytes()) {
+            Some(master) => master.link.publish(&channel, payload),
             None => Err(PubsubError::Disconnected(NAME)),
         }
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
+        let channel = self.redis_channel(topic);
         let mut wanted = self.shared.wanted();
-        let held = match self.shared.table.route().master_of(topic.as_bytes()) {
-            Some(master) => master.link.subscribe(topic)?,
+        let held = match self.shared.table.route().master_of(channel.as_bytes()) {
+            Some(master) => master.link.subscribe(&channel)?,
             // Subscribed once a table names its master.
             None => crate::held(false),
         };
-        wanted.insert(topic.to_owned());
+        wanted.insert(channel);
         Ok(held)
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
+        let channel = self.redis_channel(topic);
         let mut wanted = self.shared.wanted();
-        if let Some(master) = self.shared.table.route().master_of(topic.as_bytes()) {
-            master.link.unsubscribe(topic)?;
+        if let Some(master) = self.shared.table.route().master_of(channel.as_bytes()) {
+            master.link.unsubscribe(&channel)?;
         }
-        wanted.remove(topic);
+        wanted.remove(&channel);
         Ok(())
     }
 
@@ -212,7 +226,7 @@ impl Backbone for ClusterBackbone {
     fn topic_generation(&self, topic: &str) -> u64 {
         let route = self.shared.table.route();
         let connections = route
-            .master_of(topic.as_bytes())
+            .master_of(self.redis_channel(topic).as_bytes())
             .map_or(0, |master| master.link.generation());
         self.generation_with(connections)
     }

@@ -64,6 +64,31 @@ mod slots;
 use link::{COMMAND_TIMEOUT, NAME, builder, heartbeat, is_cluster, keep_connected, parse_config};
 pub use link::{shard_urls, validate_url};
 
+/// In a Redis Cluster, the hash tags a cluster's channels are spread over: a channel's
+/// topic, history keys and presence keys all carry the same one ([`channel_tag`]), so
+/// they share one slot and one master, through failovers and slot migrations alike,
+/// and a master that is down stops its channels entirely and no other's. Fixed:
+/// changing it would move most channels.
+pub const CLUSTER_SHARDS: usize = 64;
+
+/// The hash tag of cluster shard `index` (below [`CLUSTER_SHARDS`]) of the cluster
+/// whose topic prefix is `prefix`: `{<prefix>}` for 0, which also holds connection
+/// records and replica liveness, `{<prefix>|<index>}` for the others. A prefix
+/// cannot contain `|` or braces, so no other cluster's tag is the same.
+pub fn cluster_tag(prefix: &str, index: usize) -> String {
+    if index == 0 {
+        format!("{{{prefix}}}")
+    } else {
+        format!("{{{prefix}|{index}}}")
+    }
+}
+
+/// The hash tag of everything about the channel named `key` (a topic's
+/// [`crate::shards::shard_key`]) in a Redis Cluster.
+pub fn channel_tag(prefix: &str, key: &str) -> String {
+    cluster_tag(prefix, crate::shards::shard_of(key, CLUSTER_SHARDS))
+}
+
 /// Most publications sent in one pipeline.
 const MAX_BATCH: usize = 256;
 /// Most channels named in one SUBSCRIBE or UNSUBSCRIBE.
@@ -105,11 +130,18 @@ impl std::fmt::Debug for RedisBackbone {
 /// Connects to every server in `urls`, a comma-separated list: one server is a
 /// [`RedisBackbone`]; several are the shards of a [`ShardedBackbone`], in list order,
 /// all delivering to `inbox`. Fails only for a malformed list.
-pub async fn connect_shards(urls: &str, inbox: Inbox) -> Result<Box<dyn Backbone>, PubsubError> {
+///
+/// `prefix` is the topics' prefix (the history and presence stores' too): on a Redis
+/// Cluster each topic travels under its channel's [`channel_tag`].
+pub async fn connect_shards(
+    urls: &str,
+    prefix: &str,
+    inbox: Inbox,
+) -> Result<Box<dyn Backbone>, PubsubError> {
     let mut urls = shard_urls(urls)?;
     if urls.len() == 1 && is_cluster(&parse_config(&urls[0])?) {
         return Ok(Box::new(cluster::ClusterBackbone::connect(
-            &urls[0], inbox,
+            &urls[0], prefix, inbox,
         )?));
     }
     if urls.len() == 1 {

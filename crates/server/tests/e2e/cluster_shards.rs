@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chorus_pubsub::presence::redis::CLUSTER_SHARDS;
-use chorus_pubsub::shards::{hash, shard_of};
+use chorus_pubsub::redis::{CLUSTER_SHARDS, channel_tag, cluster_tag};
+use chorus_pubsub::shards::shard_of;
 use serde_json::{Value, json};
 
 use crate::backbone::{Kind, RedisCluster, Server};
@@ -445,9 +445,10 @@ async fn redis_shard_outage_stops_only_its_channels() {
     a_shard_outage_stops_only_its_channels().await;
 }
 
-/// The topic a channel travels on (`WS_PUBSUB_CHANNEL` `/` channel).
-fn topic(prefix: &str, channel: &str) -> String {
-    format!("{prefix}/{channel}")
+/// The Redis Cluster channel a channel travels on: its topic (`WS_PUBSUB_CHANNEL` `/`
+/// channel) behind the channel's hash tag.
+fn redis_channel(prefix: &str, channel: &str) -> String {
+    format!("{}{prefix}/{channel}", channel_tag(prefix, channel))
 }
 
 /// Three replicas on a Redis Cluster of three masters started here: sharded pub/sub
@@ -466,14 +467,14 @@ async fn redis_cluster_of_three_masters() {
     // Sharded pub/sub: each node holds the SSUBSCRIBEs of its own channels only, and
     // no plain SUBSCRIBE at all.
     for (node, server) in cluster.nodes.iter().enumerate() {
-        let pattern = format!("{prefix}/*");
+        let pattern = format!("*{prefix}/*");
         let held: BTreeSet<String> = server
             .redis_cli(&["PUBSUB", "SHARDCHANNELS", &pattern])
             .into_iter()
             .collect();
         assert_eq!(
             held,
-            BTreeSet::from([topic(prefix, &channels[node])]),
+            BTreeSet::from([redis_channel(prefix, &channels[node])]),
             "node {node}"
         );
         assert!(
@@ -486,37 +487,31 @@ async fn redis_cluster_of_three_masters() {
 
     publish_reaches_everyone_once(&mut publisher, &mut subscribers, &channels, "cluster").await;
 
-    // History and presence on a channel of every node.
+    // History and presence on a channel of every node: their keys are on the node
+    // that carries the channel's topic.
     let mut reader = Client::connect_url(&ws_url(addrs[2])).await;
     for node in 0..3 {
         let channel = tracked_channel_on(&cluster, prefix, node);
         let _member =
             history_recovery_and_presence(&mut publisher, &mut reader, &addrs, &channel, true)
                 .await;
-        // Its members are under its presence shard's hash tag, on that slot's node.
-        let members = format!(
-            "{}|cm|{channel}",
-            presence_tag(prefix, shard_of(&channel, CLUSTER_SHARDS))
-        );
-        let holder = &cluster.nodes[cluster.node_of(&members)];
-        assert_eq!(holder.redis_cli(&["EXISTS", &members]), ["1"], "{members}");
+        let tag = channel_tag(prefix, &channel);
+        let history = format!("{prefix}|{tag}hm|{channel}");
+        let members = format!("{tag}|cm|{channel}");
+        for key in [history, members] {
+            assert_eq!(
+                cluster.nodes[node].redis_cli(&["EXISTS", &key]),
+                ["1"],
+                "{key} on node {node}"
+            );
+        }
     }
-    // Channel presence is spread over the masters: the presence shards' tags are not
-    // all in one node's slots.
+    // Channels are spread over the masters: the cluster shards' tags are not all in
+    // one node's slots.
     let nodes: BTreeSet<usize> = (0..CLUSTER_SHARDS)
-        .map(|shard| cluster.node_of(&presence_tag(prefix, shard)))
+        .map(|shard| cluster.node_of(&cluster_tag(prefix, shard)))
         .collect();
-    assert!(nodes.len() > 1, "{nodes:?}");
-}
-
-/// The hash tag of a presence shard's keys in a Redis Cluster: the home keeps the
-/// unsharded `{<prefix>}`.
-fn presence_tag(prefix: &str, shard: usize) -> String {
-    if shard == 0 {
-        format!("{{{prefix}}}")
-    } else {
-        format!("{{{prefix}|{shard}}}")
-    }
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
 }
 
 /// A channel of `prefix` on each of the cluster's first `masters` nodes.
@@ -525,7 +520,7 @@ fn channel_per_master(cluster: &RedisCluster, prefix: &str, masters: usize) -> V
         .map(|node| {
             (0..)
                 .map(|i| format!("room:{i}"))
-                .find(|channel| cluster.node_of(&topic(prefix, channel)) == node)
+                .find(|channel| cluster.node_of(&redis_channel(prefix, channel)) == node)
                 .expect("some channel on every node")
         })
         .collect()
@@ -551,18 +546,11 @@ async fn publish_in_turn(
     *seq += 1;
 }
 
-/// An `h:` channel (history and presence) whose topic, history keys and presence
-/// keys are all on `node`.
+/// An `h:` channel (history and presence) on `node`.
 fn tracked_channel_on(cluster: &RedisCluster, prefix: &str, node: usize) -> String {
     (0..)
         .map(|i| format!("h:{i}"))
-        .find(|channel| {
-            let history = format!("{prefix}|{{{:016x}}}hm|{channel}", hash(channel.as_bytes()));
-            let presence = presence_tag(prefix, shard_of(channel, CLUSTER_SHARDS));
-            cluster.node_of(&topic(prefix, channel)) == node
-                && cluster.node_of(&history) == node
-                && cluster.node_of(&presence) == node
-        })
+        .find(|channel| cluster.node_of(&redis_channel(prefix, channel)) == node)
         .expect("some channel on every node")
 }
 
@@ -587,7 +575,7 @@ async fn redis_cluster_master_outage_stops_only_its_channels() {
     let processes = replicas_on(&cluster.url(), 3, prefix).await;
     let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
     // Not the master of connection records and liveness (`{<prefix>}`).
-    let down = (cluster.node_of(&presence_tag(prefix, 0)) + 1) % 3;
+    let down = (cluster.node_of(&cluster_tag(prefix, 0)) + 1) % 3;
     let channels = channel_per_master(&cluster, prefix, 3);
     let stays: Vec<&String> = (0..3)
         .filter(|n| *n != down)
