@@ -1,5 +1,5 @@
 //! History in NATS JetStream (nats-server 2.11 or later, JetStream enabled), on its
-//! own async-nats connection that reconnects forever ([`crate::nats::link`], shared
+//! own async-nats connection that reconnects forever (`crate::nats::link`, shared
 //! with the backbone and the presence store). While it is disconnected every call
 //! fails at once with [`HistoryError::Unreachable`].
 //!

@@ -66,7 +66,7 @@ use crate::redis::link::{
 /// expiry.
 const MAX_TTL_MS: u64 = 1 << 40;
 
-/// Helpers every script starts with. KEYS[1] is the channel's meta, KEYS[2] its stream.
+/// Helpers every script starts with. `KEYS[1]` is the channel's meta, `KEYS[2]` its stream.
 macro_rules! prelude {
     () => {
         r#"

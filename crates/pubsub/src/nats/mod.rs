@@ -1,7 +1,7 @@
 //! The NATS backbone: topics are NATS subjects (encoded, see [`subject_for`]), reached
 //! with `async-nats` over one connection that reconnects forever.
 //!
-//! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
+//! Work is done by the adapter's own tasks, fed by the queues of `crate::adapter`:
 //! - a publication goes straight into async-nats' own queue when it has room and
 //!   nothing waits in ours, so it makes no hop of our own; otherwise the publisher task
 //!   hands the waiting ones to async-nats in order, and later ones wait behind them, so
@@ -26,7 +26,7 @@
 //! while the watch is updated on every transition. The callback logs and counts.
 //!
 //! Connecting, the connection state and the JetStream requests of the stores are shared
-//! with the presence and history stores: see [`link`].
+//! with the presence and history stores: see `link`.
 
 pub(crate) mod link;
 

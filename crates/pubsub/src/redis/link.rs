@@ -11,7 +11,7 @@
 //!   Cluster) with an accurate up/down state,
 //!   that fails every call at once while down and runs Lua [`Script`]s with EVALSHA,
 //!   loading them again when Redis answers NOSCRIPT; [`Failure`] says why a call did
-//!   not happen, and the reply readers ([`array`], [`bytes`], [`text`], [`integer`])
+//!   not happen, and the reply readers ([`array()`], [`bytes()`], [`text`], [`integer`])
 //!   decode what the scripts return;
 //! - [`valid_prefix`], the key prefix check that keeps the stores' keys apart.
 

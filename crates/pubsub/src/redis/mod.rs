@@ -9,7 +9,7 @@
 //! by our own slot table (`slots`). Several `redis://` servers are shards of one
 //! [`ShardedBackbone`].
 //!
-//! Work is done by the adapter's own tasks, fed by the queues of [`crate::adapter`]:
+//! Work is done by the adapter's own tasks, fed by the queues of `crate::adapter`:
 //! - a publication made while none is queued or awaiting its reply goes straight into
 //!   fred's command queue, so at light load it makes no hop of our own; a task awaits
 //!   its reply to count a failure;
