@@ -241,6 +241,8 @@ pub struct RedisCluster {
     pub nodes: Vec<Server>,
     /// Each node's first and last slot.
     ranges: Vec<(u16, u16)>,
+    /// Slots moved since, and the node that holds each.
+    moved: Vec<(u16, usize)>,
     dir: PathBuf,
 }
 
@@ -266,24 +268,7 @@ impl RedisCluster {
         let mut buses = Vec::new();
         let count = if replicated { 2 * masters } else { masters };
         for _ in 0..count {
-            let mut node = Server::stopped(Kind::Redis);
-            let bus = free_port();
-            node.extra = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-port",
-                &bus.to_string(),
-                "--cluster-config-file",
-                &dir.join(format!("nodes-{}.conf", node.port))
-                    .to_string_lossy(),
-                "--cluster-require-full-coverage",
-                "no",
-                "--cluster-node-timeout",
-                "2000",
-            ]
-            .map(str::to_owned)
-            .to_vec();
-            node.restart();
+            let (node, bus) = Self::node(&dir);
             nodes.push(node);
             buses.push(bus);
         }
@@ -319,7 +304,12 @@ impl RedisCluster {
                 &bus.to_string(),
             ]);
         }
-        let cluster = Self { nodes, ranges, dir };
+        let cluster = Self {
+            nodes,
+            ranges,
+            moved: Vec::new(),
+            dir,
+        };
         cluster.wait_ok();
         for (master, replica) in cluster.nodes.iter().zip(&cluster.nodes[masters..]) {
             let id = master.redis_cli(&["CLUSTER", "MYID"]).remove(0);
@@ -334,6 +324,91 @@ impl RedisCluster {
             });
         }
         cluster
+    }
+
+    /// A running cluster-enabled node with its config in `dir`, and its bus port.
+    fn node(dir: &std::path::Path) -> (Server, u16) {
+        let mut node = Server::stopped(Kind::Redis);
+        let bus = free_port();
+        node.extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus.to_string(),
+            "--cluster-config-file",
+            &dir.join(format!("nodes-{}.conf", node.port))
+                .to_string_lossy(),
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-node-timeout",
+            "2000",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        node.restart();
+        (node, bus)
+    }
+
+    /// Starts one more master, holding no slot yet, and waits until every node knows
+    /// it; returns its index.
+    pub fn add_master(&mut self) -> usize {
+        let (node, bus) = Self::node(&self.dir);
+        self.nodes[0].redis_cli(&[
+            "CLUSTER",
+            "MEET",
+            "127.0.0.1",
+            &node.port.to_string(),
+            &bus.to_string(),
+        ]);
+        self.nodes.push(node);
+        self.wait_ok();
+        self.nodes.len() - 1
+    }
+
+    /// Moves `slot` and its keys to node `to` the way `redis-cli --cluster reshard`
+    /// does: IMPORTING on the target, MIGRATING on the source, MIGRATE of the keys,
+    /// then SETSLOT NODE everywhere (the target first).
+    pub fn migrate_slot(&mut self, slot: u16, to: usize) {
+        let from = self.node_of_slot(slot);
+        let id = |node: usize| self.nodes[node].redis_cli(&["CLUSTER", "MYID"]).remove(0);
+        let (from_id, to_id) = (id(from), id(to));
+        let slot_arg = slot.to_string();
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        let target_port = target.port.to_string();
+        target.redis_cli(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]);
+        source.redis_cli(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]);
+        loop {
+            let keys = source.redis_cli(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100"]);
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &target_port,
+                "",
+                "0",
+                "5000",
+                "KEYS",
+            ];
+            migrate.extend(keys.iter().map(String::as_str));
+            assert_eq!(source.redis_cli(&migrate), ["OK"], "MIGRATE {keys:?}");
+        }
+        let mut order: Vec<usize> = vec![to, from];
+        order.extend((0..self.nodes.len()).filter(|node| *node != to && *node != from));
+        for node in order {
+            self.nodes[node].redis_cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+        }
+        self.moved.push((slot, to));
+        // Every node's CLUSTER SLOTS has the range slot..=slot served by the target.
+        let range = [slot_arg.as_str(), &slot_arg, "127.0.0.1", &target_port];
+        self.wait_until("every node to name the slot's new master", || {
+            self.nodes.iter().all(|node| {
+                node.redis_cli(&["CLUSTER", "SLOTS"])
+                    .windows(4)
+                    .any(|lines| lines.iter().map(|line| line.trim()).eq(range))
+            })
+        });
     }
 
     fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
@@ -383,6 +458,9 @@ impl RedisCluster {
 
     /// The index of the (first) node that holds `slot`.
     pub fn node_of_slot(&self, slot: u16) -> usize {
+        if let Some((_, node)) = self.moved.iter().rev().find(|(moved, _)| *moved == slot) {
+            return *node;
+        }
         self.ranges
             .iter()
             .position(|(first, last)| (*first..=*last).contains(&slot))

@@ -538,9 +538,12 @@ async fn publish_in_turn(
         publisher
             .ok("publish", json!({"channel": channel, "data": *seq}))
             .await;
+        // A history channel's publications carry an offset too.
+        let params = subscriber.recv().await["params"].take();
         assert_eq!(
-            subscriber.recv().await["params"],
-            json!({"channel": channel, "data": *seq})
+            (&params["channel"], &params["data"]),
+            (&json!(channel), &json!(*seq)),
+            "{params}"
         );
     }
     *seq += 1;
@@ -706,29 +709,7 @@ async fn redis_cluster_failover_moves_channels_to_the_new_master() {
     }
     // The failed master's channel, on the socket that subscribed before the failure:
     // publications reach it once every replica has moved the subscription.
-    let mut probe = 0;
-    loop {
-        let reply = publisher
-            .call("publish", json!({"channel": failed, "data": probe}))
-            .await;
-        if reply.get("error").is_none()
-            && tokio::time::timeout(Duration::from_millis(500), subscriber.recv())
-                .await
-                .is_ok()
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the failed master's channel never delivered again"
-        );
-        probe += 1;
-    }
-    // Probes that arrived late, then a last one: from here on nothing is lost.
-    publisher
-        .ok("publish", json!({"channel": failed, "data": "last"}))
-        .await;
-    while subscriber.recv().await["params"]["data"] != "last" {}
+    until_it_delivers_again(&mut publisher, &mut subscriber, failed, deadline).await;
     for _ in 0..10 {
         publish_in_turn(
             &mut publisher,
@@ -758,4 +739,134 @@ async fn redis_cluster_failover_moves_channels_to_the_new_master() {
         .and_then(|publications| publications.last())
         .map(|publication| publication["data"].clone());
     assert_eq!(last, Some(json!("after")), "{page}");
+}
+
+/// Publishes numbered probes on `channel` until `subscriber` gets one (`deadline`
+/// bounds it), then one more that it waits for, past the probes that arrived late:
+/// from there on nothing is lost.
+async fn until_it_delivers_again(
+    publisher: &mut Client,
+    subscriber: &mut Client,
+    channel: &str,
+    deadline: tokio::time::Instant,
+) {
+    let mut probe = 0;
+    loop {
+        let reply = publisher
+            .call("publish", json!({"channel": channel, "data": probe}))
+            .await;
+        if reply.get("error").is_none()
+            && tokio::time::timeout(Duration::from_millis(500), subscriber.recv())
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{channel} never delivered again"
+        );
+        probe += 1;
+    }
+    publisher
+        .ok("publish", json!({"channel": channel, "data": "last"}))
+        .await;
+    while subscriber.recv().await["params"]["data"] != "last" {}
+}
+
+/// A master joins the cluster and the slot of one channel's hash tag moves to it with
+/// its keys, as `redis-cli --cluster reshard` moves slots: that channel delivers again
+/// from the new master on the socket that subscribed before, with its history (same
+/// epoch) and presence, whose keys moved with it; channels of other tags never notice.
+#[tokio::test]
+async fn redis_cluster_resharding_moves_only_the_migrated_slot() {
+    let mut cluster = RedisCluster::start(3);
+    let prefix = "rcreshard";
+    let processes = replicas_on(&cluster.url(), 3, prefix).await;
+    let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
+    let moving = tracked_channel_on(&cluster, prefix, 1);
+    let tag = channel_tag(prefix, &moving);
+    let stays: Vec<String> = (0..3)
+        .map(|node| {
+            (0..)
+                .map(|i| format!("room:{i}"))
+                .find(|channel| {
+                    channel_tag(prefix, channel) != tag
+                        && cluster.node_of(&redis_channel(prefix, channel)) == node
+                })
+                .expect("a channel of another tag on every node")
+        })
+        .collect();
+    let stays: Vec<&String> = stays.iter().collect();
+
+    let mut publisher = Client::connect_url(&ws_url(addrs[0])).await;
+    let mut reader = Client::connect_url(&ws_url(addrs[2])).await;
+    let member =
+        history_recovery_and_presence(&mut publisher, &mut reader, &addrs, &moving, true).await;
+    let before = reader.ok("history", json!({"channel": moving})).await;
+    let mut subscriber = Client::connect_url(&ws_url(addrs[1])).await;
+    for channel in stays.iter().copied().chain([&moving]) {
+        subscriber
+            .ok("subscribe", json!({"channel": channel}))
+            .await;
+    }
+    // Its members: the member, the reader and the subscriber.
+    let (members, _) = presence_of(addrs[0], &moving)
+        .await
+        .expect("presence answers");
+    assert_eq!(members, 3);
+    let mut seq = 0;
+    let everything: Vec<&String> = stays.iter().copied().chain([&moving]).collect();
+    publish_in_turn(&mut publisher, &mut subscriber, &everything, &mut seq).await;
+
+    let added = cluster.add_master();
+    let slot = cluster.nodes[0].redis_cli(&["CLUSTER", "KEYSLOT", &tag])[0]
+        .parse()
+        .expect("a slot number");
+    cluster.migrate_slot(slot, added);
+    // Every replica finds the new master in its next slot table; meanwhile, and
+    // afterwards, the other channels deliver everything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !masters_are(&addrs, &[true; 4]).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replicas never used the new master"
+        );
+        publish_in_turn(&mut publisher, &mut subscriber, &stays, &mut seq).await;
+    }
+    until_it_delivers_again(&mut publisher, &mut subscriber, &moving, deadline).await;
+    for _ in 0..10 {
+        publish_in_turn(&mut publisher, &mut subscriber, &everything, &mut seq).await;
+    }
+    subscriber.assert_nothing_pending().await;
+
+    // The channel's subscription, history and presence are all on the new master now.
+    let new_master = &cluster.nodes[added];
+    let held = new_master.redis_cli(&["PUBSUB", "SHARDCHANNELS", &format!("*{prefix}/*")]);
+    assert_eq!(held, [redis_channel(prefix, &moving)]);
+    for key in [
+        format!("{prefix}|{tag}hm|{moving}"),
+        format!("{tag}|cm|{moving}"),
+    ] {
+        assert_eq!(new_master.redis_cli(&["EXISTS", &key]), ["1"], "{key}");
+    }
+    // Its history moved whole: the same epoch (a store that lost the channel's keys
+    // starts a new one), offsets counting on from before the move, the newest last.
+    let after = reader.ok("history", json!({"channel": moving})).await;
+    assert_eq!(after["epoch"], before["epoch"], "{after}");
+    assert!(
+        after["offset"].as_u64() > before["offset"].as_u64(),
+        "{before} then {after}"
+    );
+    let newest = after["publications"]
+        .as_array()
+        .and_then(|publications| publications.last())
+        .map(|publication| publication["data"].clone());
+    assert_eq!(newest, Some(json!(seq - 1)), "{after}");
+    // Its members are all still there.
+    let (count, _) = presence_of(addrs[0], &moving)
+        .await
+        .expect("presence answers");
+    assert_eq!(count, members);
+    drop(member);
 }
