@@ -2,8 +2,8 @@
 //! gap filling.
 //!
 //! A publication on a history channel gets its offset from the store; then every
-//! replica, the publisher's included, delivers it through the channel's
-//! sequence (`Sequence`): in offset order, once, whichever replica published it. A publication
+//! replica, the publisher's included, delivers it through the channel's sequence
+//! (`Sequence`): in offset order, once, whichever replica published it. A publication
 //! that arrives before the one it follows waits, at most [`GAP_WAIT`], for the
 //! backbone to bring the missing one; then the missing ones are read from the store,
 //! and what the store no longer keeps is told to subscribers as `sys.gap`. Nothing is

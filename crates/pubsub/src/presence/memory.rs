@@ -27,12 +27,12 @@ struct ChannelMembers {
     users: HashMap<String, u64>,
 }
 
-/// Every presence record, indexed for each question the trait asks. Mutations keep
-/// the indices consistent; none of them fails.
 /// A connection's client id as the indices hold it: one allocation shared by the
 /// connection table and the node, user and device indices, instead of a copy each.
 type ClientKey = Arc<str>;
 
+/// Every presence record, indexed for each question the trait asks. Mutations keep
+/// the indices consistent; none of them fails.
 #[derive(Default, Debug)]
 pub struct PresenceState {
     nodes: BTreeMap<String, NodeEntry>,
