@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use super::RedisBackbone;
-use super::link::NAME;
+use super::link::{NAME, slot};
 use super::slots::{MasterLink, Route, SlotTable, keep_current};
+use super::{CLUSTER_SHARDS, RedisBackbone, cluster_tag};
 use crate::{AbortOnDrop, Backbone, Held, Inbox, Pending, PubsubError, spawn};
 
 impl MasterLink for RedisBackbone {
@@ -33,8 +33,9 @@ impl MasterLink for RedisBackbone {
 
 /// A Redis Cluster used as the backbone, one connection pair per master.
 pub(crate) struct ClusterBackbone {
-    /// The topics' prefix, which names the hash tags.
-    prefix: String,
+    /// Each cluster shard's hash tag ([`cluster_tag`] of the topics' prefix) and its
+    /// slot, by shard: made once, as every publication needs its channel's.
+    tags: Vec<(String, u16)>,
     shared: Arc<Shared>,
     _refresh: AbortOnDrop,
 }
@@ -66,17 +67,30 @@ impl ClusterBackbone {
             move |config| RedisBackbone::start(config, true, inbox.clone()),
             move |old, route| installer.install(old, route),
         ));
+        let tags = (0..CLUSTER_SHARDS)
+            .map(|shard| {
+                let tag = cluster_tag(prefix, shard);
+                let slot = slot(&tag);
+                (tag, slot)
+            })
+            .collect();
         Ok(Self {
-            prefix: prefix.to_owned(),
+            tags,
             shared,
             _refresh: refresh,
         })
     }
 
-    /// The Redis channel `topic` travels on: `topic` behind its channel's hash tag.
-    fn redis_channel(&self, topic: &str) -> String {
-        let tag = super::channel_tag(&self.prefix, crate::shards::shard_key(topic));
-        tag + topic
+    /// The hash tag of `topic`'s channel ([`super::channel_tag`]) and its slot.
+    fn tag_of(&self, topic: &str) -> &(String, u16) {
+        &self.tags[crate::shards::shard_of(crate::shards::shard_key(topic), CLUSTER_SHARDS)]
+    }
+
+    /// The Redis channel `topic` travels on (`topic` behind its channel's hash tag),
+    /// and its slot.
+    fn redis_channel(&self, topic: &str) -> (String, u16) {
+        let (tag, slot) = self.tag_of(topic);
+        (format!("{tag}{topic}"), *slot)
     }
 
     /// Losses of closed masters (`retired`) and of the current ones (`each`).
@@ -176,7 +190,7 @@ impl Backbone for ClusterBackbone {
         self.shared
             .table
             .route()
-            .master_of(self.redis_channel(topic).as_bytes())
+            .master(self.tag_of(topic).1)
             .is_some_and(|master| master.link.is_up())
     }
 
@@ -185,17 +199,17 @@ impl Backbone for ClusterBackbone {
     }
 
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PubsubError> {
-        let channel = self.redis_channel(topic);
-        match self.shared.table.route().master_of(channel.as_bytes()) {
+        let (channel, slot) = self.redis_channel(topic);
+        match self.shared.table.route().master(slot) {
             Some(master) => master.link.publish(&channel, payload),
             None => Err(PubsubError::Disconnected(NAME)),
         }
     }
 
     fn subscribe(&self, topic: &str) -> Result<Held, PubsubError> {
-        let channel = self.redis_channel(topic);
+        let (channel, slot) = self.redis_channel(topic);
         let mut wanted = self.shared.wanted();
-        let held = match self.shared.table.route().master_of(channel.as_bytes()) {
+        let held = match self.shared.table.route().master(slot) {
             Some(master) => master.link.subscribe(&channel)?,
             // Subscribed once a table names its master.
             None => crate::held(false),
@@ -205,9 +219,9 @@ impl Backbone for ClusterBackbone {
     }
 
     fn unsubscribe(&self, topic: &str) -> Result<(), PubsubError> {
-        let channel = self.redis_channel(topic);
+        let (channel, slot) = self.redis_channel(topic);
         let mut wanted = self.shared.wanted();
-        if let Some(master) = self.shared.table.route().master_of(channel.as_bytes()) {
+        if let Some(master) = self.shared.table.route().master(slot) {
             master.link.unsubscribe(&channel)?;
         }
         wanted.remove(&channel);
@@ -226,7 +240,7 @@ impl Backbone for ClusterBackbone {
     fn topic_generation(&self, topic: &str) -> u64 {
         let route = self.shared.table.route();
         let connections = route
-            .master_of(self.redis_channel(topic).as_bytes())
+            .master(self.tag_of(topic).1)
             .map_or(0, |master| master.link.generation());
         self.generation_with(connections)
     }

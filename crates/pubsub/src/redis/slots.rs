@@ -77,11 +77,6 @@ impl<M: MasterLink> Route<M> {
         (index < self.masters.len()).then_some(index)
     }
 
-    /// The master of `key`'s slot (of its hash tag, when it has one).
-    pub(crate) fn master_of(&self, key: &[u8]) -> Option<&Master<M>> {
-        self.master(fred::util::redis_keyslot(key))
-    }
-
     /// A connected master, for a command that names no key.
     pub(crate) fn any_connected(&self) -> Option<&Master<M>> {
         self.masters
