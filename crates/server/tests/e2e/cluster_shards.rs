@@ -453,8 +453,8 @@ fn redis_channel(prefix: &str, channel: &str) -> String {
 
 /// Three replicas on a Redis Cluster of three masters started here: sharded pub/sub
 /// (each node carries only SSUBSCRIBEs of its slots), exactly-once delivery on channels
-/// of every node, history (tagged keys on the node of their slot) and presence (spread
-/// over the presence shards' hash tags).
+/// of every node, and each channel's history and presence keys on the node of its
+/// topic (one hash tag for all three), with the tags spread over every node.
 #[tokio::test]
 async fn redis_cluster_of_three_masters() {
     let cluster = RedisCluster::start(3);
